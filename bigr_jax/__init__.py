@@ -1,0 +1,1 @@
+"""BiGR in JAX/Flax: binary latent codes for image generation and representation."""

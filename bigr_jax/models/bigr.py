@@ -1,0 +1,177 @@
+"""The BiGR generator: bit projection, class and mask tokens, trunk, transcoder, masked loss, features."""
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigr_jax.models.config import GeneratorConfig
+from bigr_jax.models.transcoder import DenoiseMLP, linear_schedule, weighted_bce
+from bigr_jax.models.transformer import RMSNorm, Trunk, dense, dense_init, param_with_axes, rope_2d_table
+
+
+def cosine_mask_count(key, num_tokens: int):
+  """The original's training mask count: s ~ U{0..N-1}, m = max(1, floor(N cos(pi/2 s/N))), one per batch."""
+  step = jax.random.randint(key, (), 0, num_tokens)
+  rate = jnp.cos(jnp.float32(np.pi / 2.0) * (step.astype(jnp.float32) / num_tokens))
+  return jnp.maximum(1, jnp.floor(num_tokens * rate).astype(jnp.int32))
+
+
+def random_mask(key, batch: int, num_tokens: int, count):
+  """Exactly `count` masked tokens per row, uniformly placed (by rank, so ties cannot change the count)."""
+  noise = jax.random.uniform(key, (batch, num_tokens))
+  ranks = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)
+  return ranks < count
+
+
+class BiGR(nn.Module):
+  """Trunk + transcoder. Inputs: bits (B, N, K) in {0, 1}, row-major over the token grid; labels (B,).
+
+  `token_mask` (B, N) is True where a token is masked (its embedding replaced by `mask_tok`).
+  """
+  config: GeneratorConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    self.cls_embedding = nn.Embed(cfg.num_classes + 1, cfg.dim, dtype=dtype, name="cls_embedding",
+                                  embedding_init=param_with_axes(dense_init, ("classes", "embed")))
+    self.tok_embeddings = dense(cfg.dim, ("bits", "embed"), "tok_embeddings", dtype, use_bias=True)
+    self.mask_tok = self.param("mask_tok", param_with_axes(nn.initializers.normal(1.0), (None, "embed")),
+                               (1, cfg.dim))
+    if cfg.use_adaLN:
+      self.adaLN = dense(6 * cfg.dim, ("embed", "mlp"), "adaLN", dtype, True, nn.initializers.zeros)
+    self.trunk = Trunk(cfg)
+    self.norm = RMSNorm(cfg.norm_eps, dtype)
+    self.diffusion_pos_embed_learned = self.param(
+        "diffusion_pos_embed_learned", param_with_axes(dense_init, (None, "tokens", "embed")),
+        (1, cfg.seq_len, cfg.dim))
+    self.denoise_mlp = DenoiseMLP(cfg.binary_size, cfg.denoise_hidden_dim, cfg.num_block_mlp, dtype)
+    self.rope_table = jnp.asarray(rope_2d_table(cfg.grid_size, cfg.head_dim, cfg.rope_base, cfg.cls_token_num))
+
+  def class_embedding(self, labels, label_weights=None):
+    """(B, dim) class embedding; with labels (B, M) and label_weights (B, M), their weighted sum."""
+    if label_weights is None:
+      return self.cls_embedding(labels)
+    return jnp.einsum("bmd,bm->bd", self.cls_embedding(labels), label_weights.astype(self.config.compute_dtype))
+
+  def _run_trunk(self, bits, cond, token_mask, deterministic, keep_hidden=False):
+    cfg = self.config
+    tokens = self.tok_embeddings(bits.astype(cfg.compute_dtype))
+    if token_mask is not None:
+      tokens = jnp.where(token_mask[..., None], self.mask_tok.astype(tokens.dtype), tokens)
+    h = jnp.concatenate([cond[:, None, :].astype(tokens.dtype), tokens], axis=1)
+    if not deterministic and cfg.token_dropout_p > 0:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - cfg.token_dropout_p, h.shape)
+      h = jnp.where(keep, h / (1 - cfg.token_dropout_p), 0).astype(h.dtype)
+    adaln = None
+    if cfg.use_adaLN:
+      adaln = self.adaLN(nn.silu(cond))[:, None].reshape(cond.shape[0], 1, 6, cfg.dim)
+    return self.trunk(h, adaln, self.rope_table, deterministic=deterministic, keep_hidden=keep_hidden)
+
+  def condition(self, bits, labels, token_mask, label_weights=None, deterministic: bool = True):
+    """Per-token transcoder conditions (B, N, dim), float32: final norm, class token dropped, + pos embed."""
+    cond = self.class_embedding(labels, label_weights)
+    h, _ = self._run_trunk(bits, cond, token_mask, deterministic)
+    out = self.norm(h).astype(jnp.float32)[:, self.config.cls_token_num:]
+    return out + self.diffusion_pos_embed_learned
+
+  def denoise(self, x_t, t_minus_1, cond):
+    """Flip logits (R, K) from noisy bits x_t (R, K), timesteps t - 1 (R,) and conditions (R, dim)."""
+    return self.denoise_mlp(x_t, t_minus_1, cond)
+
+  def features(self, bits, labels, layers: Sequence[int], label_weights=None):
+    """{layer: (B, N, dim)} hidden states after block `layer` (0-based), before the final norm, no class token.
+
+    Runs every block; `truncate_params` gives a smaller model that stops at the last layer needed.
+    """
+    cond = self.class_embedding(labels, label_weights)
+    _, hidden = self._run_trunk(bits, cond, None, True, keep_hidden=True)
+    return {layer: hidden[layer].astype(jnp.float32)[:, self.config.cls_token_num:] for layer in layers}
+
+  def __call__(self, bits, labels, token_mask, x_t, t_minus_1, deterministic: bool = True):
+    """Every parameter on one path (used by init): conditions, then denoiser logits."""
+    cond = self.condition(bits, labels, token_mask, deterministic=deterministic)
+    return self.denoise(x_t, t_minus_1, cond.reshape(-1, cond.shape[-1]))
+
+  def loss(self, bits, labels, deterministic: bool = False):
+    """Masked-modelling loss of the original (rngs: 'mask', 'diffusion', 'label_drop', 'dropout').
+
+    One cosine mask count per batch; the transcoder sees every token at its own random t, and the
+    weighted BCE is averaged over the masked tokens only. Returns (loss, metrics).
+    """
+    cfg = self.config
+    batch, num_tokens, num_bits = bits.shape
+    count_key, place_key = jax.random.split(self.make_rng("mask"))
+    count = cosine_mask_count(count_key, num_tokens)
+    token_mask = random_mask(place_key, batch, num_tokens, count)
+    if not deterministic and cfg.class_dropout_prob > 0:
+      drop = jax.random.uniform(self.make_rng("label_drop"), (batch,)) < cfg.class_dropout_prob
+      labels = jnp.where(drop, cfg.null_class, labels)
+    cond = self.condition(bits, labels, token_mask, deterministic=deterministic)
+
+    schedule = linear_schedule(cfg.n_sample_steps)
+    t_key, noise_key = jax.random.split(self.make_rng("diffusion"))
+    z0 = bits.reshape(-1, num_bits).astype(jnp.float32)
+    t = jax.random.randint(t_key, (z0.shape[0],), 1, cfg.n_sample_steps + 1)
+    probs = jnp.asarray(schedule["k_final"])[t][:, None] * z0 + jnp.asarray(schedule["b_final"])[t][:, None]
+    x_t = jax.random.bernoulli(noise_key, probs).astype(jnp.float32)
+    logits = self.denoise(x_t, t - 1, cond.reshape(-1, cfg.dim))
+    target = jnp.logical_xor(z0 > 0.5, x_t > 0.5).astype(jnp.float32) if cfg.p_flip else z0
+    per_bit = weighted_bce(logits, target, cfg.focal, cfg.alpha)
+    masked = token_mask.reshape(-1, 1).astype(jnp.float32)
+    loss = jnp.sum(per_bit * masked) / (count * num_bits)
+    x0_logits = jnp.where(x_t > 0.5, -logits, logits) if cfg.p_flip else logits
+    bit_accuracy = jnp.mean(((x0_logits > 0) == (z0 > 0.5)).astype(jnp.float32))
+    return loss, {"loss": loss, "bit_accuracy": bit_accuracy, "mask_ratio": count / num_tokens}
+
+
+def init_inputs(config: GeneratorConfig, batch: int = 1):
+  """Dummy inputs that reach every parameter, for `BiGR.init` and `jax.eval_shape`."""
+  n, k = config.seq_len, config.binary_size
+  return (jnp.zeros((batch, n, k), jnp.float32), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, n), bool),
+          jnp.zeros((batch * n, k), jnp.float32), jnp.zeros((batch * n,), jnp.int32))
+
+
+def init_params(config: GeneratorConfig, key):
+  return BiGR(config).init({"params": key}, *init_inputs(config))["params"]
+
+
+def param_shapes(config: GeneratorConfig):
+  """Parameter shapes and logical axes without allocating anything."""
+  return jax.eval_shape(lambda: BiGR(config).init({"params": jax.random.key(0)}, *init_inputs(config)))["params"]
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree)))
+
+
+def truncate_params(config: GeneratorConfig, params, last_layer: int):
+  """A config and params holding blocks 0..last_layer only, for cheaper feature extraction."""
+  if not 0 <= last_layer < config.n_layer:
+    raise ValueError(f"layer {last_layer} is out of range for a {config.n_layer}-layer model")
+  params = dict(params)
+  trunk = dict(params["trunk"])
+  if config.scan_layers:
+    trunk["layers"] = jax.tree_util.tree_map(lambda x: x[: last_layer + 1], trunk["layers"])
+  else:
+    trunk = {k: v for k, v in trunk.items() if int(k.split("_")[1]) <= last_layer}
+  params["trunk"] = trunk
+  return config.replace(n_layer=last_layer + 1), params
+
+
+def train_flops_per_image(config: GeneratorConfig) -> float:
+  """Analytic FLOPs of one training step per image (forward + backward = 3x forward matmul FLOPs)."""
+  cfg = config
+  length = cfg.seq_len + cfg.cls_token_num
+  kv_dim = cfg.kv_heads * cfg.head_dim
+  per_token_block = 2 * (cfg.dim * (cfg.dim + 2 * kv_dim) + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden_dim)
+  attention = 2 * 2 * length * length * cfg.dim  # scores and weighted values
+  trunk = cfg.n_layer * (length * per_token_block + attention)
+  w = cfg.denoise_hidden_dim
+  per_token_denoiser = 2 * (cfg.binary_size * w + cfg.dim * w + 256 * w + w * w
+                            + cfg.num_block_mlp * (2 * w * w + 3 * w * w) + 2 * w * w + w * cfg.binary_size)
+  embed = 2 * cfg.seq_len * cfg.binary_size * cfg.dim
+  return 3.0 * (trunk + embed + cfg.seq_len * per_token_denoiser)

@@ -1,0 +1,121 @@
+"""The binary transcoder: a per-token Bernoulli diffusion head (denoiser MLP, schedule, wBCE, reverse step)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigr_jax.models.transformer import dense, dense_init
+
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def linear_schedule(num_steps: int) -> dict:
+  """Buffers of the linear Bernoulli schedule, computed as the original does (float64, then float32).
+
+  beta[t] is the one-step keep probability (t -> t+1 keeps a bit with beta, else a fair coin); k_final[t]
+  and b_final[t] give q(z_t = 1 | z_0) = k_final[t] * z_0 + b_final[t]. Index 0 is padding (t = 0).
+  """
+  beta = 1 - 1 / (num_steps - np.arange(1, num_steps + 1) + 1)
+  k_final, b_final = [1.0], [0.0]
+  for i in range(num_steps):
+    k_final.append(k_final[-1] * beta[i])
+    b_final.append(beta[i] * b_final[-1] + 0.5 * (1 - beta[i]))
+  beta = np.hstack([1.0, beta]).astype(np.float32)
+  return {
+      "k_final": np.hstack([1.0, k_final[1:]]).astype(np.float32),
+      "b_final": np.hstack([0.0, b_final[1:]]).astype(np.float32),
+      "beta": beta,
+      "cumbeta": np.cumprod(beta, dtype=np.float32),
+  }
+
+
+def inference_timesteps(num_steps: int, infer_steps: int) -> np.ndarray:
+  """The descending timesteps of the reverse process (e.g. 256, 253, ..., 3, 1 for 100 of 256)."""
+  steps = np.arange(1, num_steps + 1)
+  if infer_steps != num_steps:
+    steps = steps[np.array(np.linspace(0.0, 1.0, infer_steps) * (num_steps - 1), int)]
+  return steps[::-1].copy()
+
+
+def timestep_embedding(t, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0):
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _layer_norm(x, eps=1e-6):
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class DenoiseMLP(nn.Module):
+  """Predicts per-bit logits (of the flip indicator with p_flip) from noisy bits x_t, t - 1 and a condition."""
+  bits: int
+  hidden_dim: int
+  num_blocks: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_t, t_minus_1, cond):
+    w, dtype = self.hidden_dim, self.dtype
+    x = dense(w, ("bits", "mlp"), "x_embedder", dtype, use_bias=True)(x_t.astype(dtype) * 2.0 - 1.0)
+    c = dense(w, ("embed", "mlp"), "c_embedder", dtype, use_bias=True)(cond)
+    t = dense(w, (None, "mlp"), "t_embedder_0", dtype, use_bias=True)(timestep_embedding(t_minus_1).astype(dtype))
+    t = dense(w, ("mlp", "mlp2"), "t_embedder_2", dtype, use_bias=True)(nn.silu(t))
+    s = nn.silu(t + c)
+    zeros = nn.initializers.zeros
+    for j in range(self.num_blocks):
+      shift, scale, gate = jnp.split(
+          dense(3 * w, ("mlp", "mlp2"), f"blocks_{j}_adaLN_modulation", dtype, True, zeros)(s), 3, axis=-1)
+      h = _layer_norm(x) * (1 + scale) + shift
+      h = dense(w, ("mlp", "mlp2"), f"blocks_{j}_mlp_0", dtype, use_bias=True)(h)
+      h = dense(w, ("mlp2", "mlp"), f"blocks_{j}_mlp_2", dtype, use_bias=True)(nn.silu(h))
+      x = x + gate * h
+    shift, scale = jnp.split(dense(2 * w, ("mlp", "mlp2"), "final_adaLN_modulation", dtype, True, zeros)(s), 2, -1)
+    x = _layer_norm(x) * (1 + scale) + shift
+    logits = dense(self.bits, ("mlp", "bits"), "final_linear", dtype, True, zeros)(x)
+    return logits.astype(jnp.float32)
+
+
+def weighted_bce(logits, target, focal: float = 0.0, alpha: float = -1.0):
+  """Per-bit BCE-with-logits times the original's focal factor and its per-token class balance.
+
+  With alpha = -1 the weight is (1 - r) * y + r * (1 - y) + 1/K, r = fraction of set target bits in the
+  token (the paper's wBCE); alpha > 0 is a fixed balance; any other alpha, no weighting.
+  """
+  ce = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  if focal != 0.0:
+    p = jax.nn.sigmoid(logits)
+    p_wrong = jnp.clip(1 - (p * target + (1 - p) * (1 - target)), 1e-6, 1 - 1e-6)
+    ce = ce * p_wrong ** focal
+  bits = target.shape[-1]
+  if alpha == -1:
+    rate = target.sum(-1, keepdims=True) / bits
+    ce = ((1 - rate) * target + rate * (1 - target) + 1.0 / bits) * ce
+  elif alpha > 0:
+    ce = (alpha * target + (1 - alpha) * (1 - target)) * ce
+  return ce
+
+
+def reverse_probs(x_t, x0_probs, t, t_next, schedule):
+  """P(z_{t_next} = 1 | z_t, predicted P(z_0 = 1)) of the reverse process, as the original samples it.
+
+  prior = q(z_{t_next} | z_0) averaged over the prediction; likelihood = the one-step transitions
+  t_next+1..t applied to the indicator of z_t. Both are normalised over {1, 0}.
+  """
+  k, b = schedule["k_final"][t_next], schedule["b_final"][t_next]
+  prior_one = k * x0_probs + b
+  prior_zero = k * (1 - x0_probs) + b
+  # The one-step maps are affine (x -> beta x + (1 - beta) / 2), so their composition is one affine map.
+  steps = jnp.arange(schedule["beta"].shape[0])
+  keep = jnp.prod(jnp.where((steps > t_next) & (steps <= t), schedule["beta"], 1.0))
+  like_one = x_t * keep + 0.5 * (1 - keep)
+  like_zero = (1 - x_t) * keep + 0.5 * (1 - keep)
+  one, zero = prior_one * like_one, prior_zero * like_zero
+  return one / (one + zero)
