@@ -28,7 +28,7 @@ def linear_schedule(num_steps: int) -> dict:
       "k_final": np.hstack([1.0, k_final[1:]]).astype(np.float32),
       "b_final": np.hstack([0.0, b_final[1:]]).astype(np.float32),
       "beta": beta,
-      "cumbeta": np.cumprod(beta, dtype=np.float32),
+      "cumbeta": np.cumprod(beta.astype(np.float64)).astype(np.float32),  # torch accumulates wider
   }
 
 
