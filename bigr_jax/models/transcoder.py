@@ -55,32 +55,54 @@ def _layer_norm(x, eps=1e-6):
 
 
 class DenoiseMLP(nn.Module):
-  """Predicts per-bit logits (of the flip indicator with p_flip) from noisy bits x_t, t - 1 and a condition."""
+  """Predicts per-bit logits (of the flip indicator with p_flip) from noisy bits x_t, t - 1 and a condition.
+
+  Besides `__call__`, its parts are callable on their own so that a sampler can embed each token's condition
+  once per sampling iteration and each timestep once for all tokens: `embed_condition`, `embed_time`, `step`.
+  """
   bits: int
   hidden_dim: int
   num_blocks: int
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x_t, t_minus_1, cond):
-    w, dtype = self.hidden_dim, self.dtype
-    x = dense(w, ("bits", "mlp"), "x_embedder", dtype, use_bias=True)(x_t.astype(dtype) * 2.0 - 1.0)
-    c = dense(w, ("embed", "mlp"), "c_embedder", dtype, use_bias=True)(cond)
-    t = dense(w, (None, "mlp"), "t_embedder_0", dtype, use_bias=True)(timestep_embedding(t_minus_1).astype(dtype))
-    t = dense(w, ("mlp", "mlp2"), "t_embedder_2", dtype, use_bias=True)(nn.silu(t))
-    s = nn.silu(t + c)
-    zeros = nn.initializers.zeros
-    for j in range(self.num_blocks):
-      shift, scale, gate = jnp.split(
-          dense(3 * w, ("mlp", "mlp2"), f"blocks_{j}_adaLN_modulation", dtype, True, zeros)(s), 3, axis=-1)
-      h = _layer_norm(x) * (1 + scale) + shift
-      h = dense(w, ("mlp", "mlp2"), f"blocks_{j}_mlp_0", dtype, use_bias=True)(h)
-      h = dense(w, ("mlp2", "mlp"), f"blocks_{j}_mlp_2", dtype, use_bias=True)(nn.silu(h))
-      x = x + gate * h
-    shift, scale = jnp.split(dense(2 * w, ("mlp", "mlp2"), "final_adaLN_modulation", dtype, True, zeros)(s), 2, -1)
-    x = _layer_norm(x) * (1 + scale) + shift
-    logits = dense(self.bits, ("mlp", "bits"), "final_linear", dtype, True, zeros)(x)
+  def setup(self):
+    w, dtype, zeros = self.hidden_dim, self.dtype, nn.initializers.zeros
+    self.x_embedder = dense(w, ("bits", "mlp"), "x_embedder", dtype, use_bias=True)
+    self.c_embedder = dense(w, ("embed", "mlp"), "c_embedder", dtype, use_bias=True)
+    self.t_embedder_0 = dense(w, (None, "mlp"), "t_embedder_0", dtype, use_bias=True)
+    self.t_embedder_2 = dense(w, ("mlp", "mlp2"), "t_embedder_2", dtype, use_bias=True)
+    self.modulations = [dense(3 * w, ("mlp", "mlp2"), f"blocks_{j}_adaLN_modulation", dtype, True, zeros)
+                        for j in range(self.num_blocks)]
+    self.mlps_in = [dense(w, ("mlp", "mlp2"), f"blocks_{j}_mlp_0", dtype, use_bias=True)
+                    for j in range(self.num_blocks)]
+    self.mlps_out = [dense(w, ("mlp2", "mlp"), f"blocks_{j}_mlp_2", dtype, use_bias=True)
+                     for j in range(self.num_blocks)]
+    self.final_modulation = dense(2 * w, ("mlp", "mlp2"), "final_adaLN_modulation", dtype, True, zeros)
+    self.final_linear = dense(self.bits, ("mlp", "bits"), "final_linear", dtype, True, zeros)
+
+  def embed_condition(self, cond):
+    """(..., dim) -> (..., W): the condition's share of the conditioning vector."""
+    return self.c_embedder(cond)
+
+  def embed_time(self, t_minus_1):
+    """(R,) timesteps t - 1 -> (R, W): the timestep's share of the conditioning vector."""
+    t = self.t_embedder_0(timestep_embedding(t_minus_1).astype(self.dtype))
+    return self.t_embedder_2(nn.silu(t))
+
+  def step(self, x_t, t_emb, c_emb):
+    """Logits (..., K) from x_t (..., K) and embeddings that broadcast against it (..., W)."""
+    x = self.x_embedder(x_t.astype(self.dtype) * 2.0 - 1.0)
+    s = nn.silu(t_emb + c_emb)
+    for modulation, mlp_in, mlp_out in zip(self.modulations, self.mlps_in, self.mlps_out):
+      shift, scale, gate = jnp.split(modulation(s), 3, axis=-1)
+      h = mlp_in(_layer_norm(x) * (1 + scale) + shift)
+      x = x + gate * mlp_out(nn.silu(h))
+    shift, scale = jnp.split(self.final_modulation(s), 2, axis=-1)
+    logits = self.final_linear(_layer_norm(x) * (1 + scale) + shift)
     return logits.astype(jnp.float32)
+
+  def __call__(self, x_t, t_minus_1, cond):
+    return self.step(x_t, self.embed_time(t_minus_1), self.embed_condition(cond))
 
 
 def weighted_bce(logits, target, focal: float = 0.0, alpha: float = -1.0):

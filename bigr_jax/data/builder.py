@@ -1,0 +1,106 @@
+"""Config-facing constructors: `config.data` -> source and transforms."""
+
+import os
+
+import ml_collections
+
+from bigr_jax.data import codes as codes_lib
+from bigr_jax.data import sources
+from bigr_jax.data import transforms as transforms_lib
+
+SOURCE_NAMES = ("digits", "imagenet", "folder", "codes", "original_codes")
+CODE_SOURCES = ("codes", "original_codes")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every field `build_source` / `build_transforms` read, with defaults (the embedded digits)."""
+  return ml_collections.ConfigDict({
+      "name": "digits",
+      "data_dir": "",
+      "split": "train",
+      "image_size": 32,
+      "flip": False,
+      "on_bad_image": "raise",
+      "min_image_size": 16,
+      "tfds_name": "imagenet2012",
+      "code_bits": 0,
+      "code_grid": 16,
+      "allow_partial_codes": False,
+  })
+
+
+def _split_dir(data_config) -> str:
+  data_dir, split = data_config.get("data_dir", ""), data_config.get("split", "train")
+  if not data_dir:
+    raise ValueError(f"data.name={data_config.name!r} needs data.data_dir")
+  return os.path.join(data_dir, split) if split else data_dir
+
+
+def build_source(data_config):
+  """The random-access source `data_config` describes.
+
+  Fields of `data_config` (an ml_collections ConfigDict; missing optional fields take the defaults of
+  `default_data_config`):
+    name: "digits" (embedded scikit-learn digits, no files), "imagenet" (tfds array_record, see
+      `sources` for the one-off preparation), "folder" (class sub-folders of images, as ImageFolder),
+      "codes" (our pre-extracted codes, `codes.CodesWriter`), "original_codes" (the original's
+      `{split}_ids.bin` / `{split}_lbs.bin`).
+    data_dir: imagenet: the tfds data_dir (empty: tfds' default, ~/tensorflow_datasets); folder and
+      codes: the root holding one directory per split; original_codes: the directory of the .bin
+      files. Unused by digits.
+    split: "train", "validation", ... For folder and codes the directory `data_dir/split` is read
+      (empty: `data_dir` itself); for imagenet the tfds split; for original_codes the file prefix;
+      digits has "train" (1,438 images), "test" = "validation" (359 held out) and "all".
+    image_size: output side in pixels (images are center-cropped to it; digits are upscaled to it).
+    flip: random horizontal flips (images), or choosing the flipped images' codes (codes written with
+      flipped codes; original_codes has none, so flip must be False there).
+    on_bad_image: "raise" or "skip" (replace an undecodable / too small image by the next good one,
+      counted in the records' `skipped` field). Decoded sources only (imagenet, folder).
+    min_image_size: images whose shorter side is smaller are bad (0 disables the check).
+    tfds_name: the tfds builder for "imagenet" (default "imagenet2012").
+    code_bits: original_codes: K, bits per token (0 infers it from the file sizes).
+    code_grid: original_codes: side of the latent grid (16 for 256 px).
+    allow_partial_codes: codes: read an unfinished encoding's written records instead of failing.
+
+  Returns:
+    The source; records are `dict(image=uint8 HxWx3, label=int32)` for image sources and
+    `dict(codes=uint8 (T, K), label=int32)` for code sources (before `build_transforms`).
+  """
+  defaults = default_data_config()
+  get = lambda key: data_config.get(key, defaults[key])  # pylint: disable=unnecessary-lambda-assignment
+  name = get("name")
+  if name not in SOURCE_NAMES:
+    raise ValueError(f"data.name={name!r}; expected one of {SOURCE_NAMES}")
+  if get("on_bad_image") not in sources.ON_BAD_IMAGE_CHOICES:
+    raise ValueError(f"data.on_bad_image={get('on_bad_image')!r}; expected one of "
+                     f"{sources.ON_BAD_IMAGE_CHOICES}")
+  decode_options = dict(on_bad_image=get("on_bad_image"), min_image_size=get("min_image_size"))
+  if name == "digits":
+    return sources.DigitsSource(split=get("split"), image_size=get("image_size"))
+  if name == "imagenet":
+    return sources.TfdsImageSource(get("tfds_name"), split=get("split"),
+                                   data_dir=get("data_dir") or None, **decode_options)
+  if name == "folder":
+    return sources.ImageFolderSource(_split_dir(data_config), **decode_options)
+  if name == "codes":
+    return codes_lib.CodesSource(_split_dir(data_config), flip=get("flip"),
+                                 allow_partial=get("allow_partial_codes"))
+  if get("flip"):
+    raise ValueError("data.name='original_codes' stores no codes of flipped images; set data.flip=False")
+  if not get("data_dir"):
+    raise ValueError("data.name='original_codes' needs data.data_dir (the directory of *_ids.bin)")
+  return codes_lib.OriginalCodesSource(get("data_dir"), split=get("split") or "train",
+                                       bits=get("code_bits"), grid=get("code_grid"))
+
+
+def build_transforms(data_config) -> list:
+  """Per-record transforms for `build_source(data_config)`'s records, to pass to `make_loader`.
+
+  Images: center crop to `image_size`, random flip if `flip`, float32 in [0, 1]. Codes: choose the
+  flipped codes with probability 1/2 if `flip`.
+  """
+  defaults = default_data_config()
+  get = lambda key: data_config.get(key, defaults[key])  # pylint: disable=unnecessary-lambda-assignment
+  if get("name") in CODE_SOURCES:
+    return transforms_lib.codes_transforms(get("flip"))
+  return transforms_lib.image_transforms(get("image_size"), get("flip"))

@@ -1,0 +1,103 @@
+"""Device mesh, logical-axis sharding rules, and host-local to global batches."""
+
+import os
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical parameter / activation axes -> mesh axes. One table; configs may replace it.
+DEFAULT_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("mlp2", "fsdp"),
+    ("layers", None),
+    ("classes", None),
+    ("bits", None),
+    ("tokens", None),
+)
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins the other hosts of a multi-host slice (TPU pods set this up from the environment)."""
+  multi_host = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS"))
+  if multi_host and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def mesh_shape(sizes: Sequence[int], num_devices: int) -> Tuple[int, ...]:
+  """Resolves one -1 entry to the remaining devices; checks that the product is the device count."""
+  sizes = list(sizes)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh {sizes} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"but {num_devices} are available; set mesh sizes (e.g. --config.mesh.data=-1)")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """Mesh ('data', 'fsdp', 'tensor') from config sizes; `dcn_data` > 1 spreads `data` over slices."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  sizes = mesh_shape([mesh_config.data, mesh_config.fsdp, mesh_config.tensor], devices.size)
+  dcn = int(mesh_config.get("dcn_data", 1))
+  if dcn > 1:
+    from jax.experimental import mesh_utils
+    per_slice = list(sizes)
+    if per_slice[0] % dcn:
+      raise ValueError(f"data={sizes[0]} is not divisible by dcn_data={dcn}")
+    per_slice[0] //= dcn
+    grid = mesh_utils.create_hybrid_device_mesh(per_slice, [dcn, 1, 1], devices=list(devices))
+  else:
+    grid = devices.reshape(sizes)
+  # Auto axes: Flax's logical sharding relies on them (the newer Explicit default breaks it).
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(config) -> tuple:
+  rules = config.get("logical_axis_rules", None)
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules) if rules \
+      else DEFAULT_RULES
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree whose leaves carry logical axis names (nn.LogicallyPartitioned)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
+  """Host-local batch; the global batch must split evenly over the batch axes and the hosts."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch_size % shards:
+    raise ValueError(f"batch size {global_batch_size} is not divisible by the {shards} batch shards of the mesh "
+                     f"{dict(mesh.shape)}")
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"batch size {global_batch_size} is not divisible by {jax.process_count()} hosts")
+  return global_batch_size // jax.process_count()
+
+
+def to_global(local_batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy arrays (split along the batch axis) -> global jax arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in local_batch.items()}

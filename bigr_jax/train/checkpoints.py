@@ -1,0 +1,88 @@
+"""Orbax checkpoints of the train state and the data iterator: atomic, asynchronous, keep-N, resumable."""
+
+import json
+import pathlib
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves {state, data iterator} under workdir/checkpoints and restores onto any mesh."""
+
+  def __init__(self, workdir, keep: int = 3, async_save: bool = True, with_data: bool = True):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.with_data = with_data
+    handlers = {"state": ocp.StandardCheckpointHandler()}
+    if with_data:
+      import grain
+      handlers["data"] = grain.checkpoint.CheckpointHandler()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator=None, force: bool = False) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if self.with_data and data_iterator is not None:
+      import grain
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state: Any, data_iterator=None, step: Optional[int] = None):
+    """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
+    step = self.latest_step() if step is None else step
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if self.with_data and data_iterator is not None:
+      import grain
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not fit the current model/config "
+                       f"(a different model size or bits?): {e}") from e
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_config(config, workdir) -> None:
+  """The run's config beside its checkpoints (process 0 only)."""
+  if jax.process_index() == 0:
+    path = pathlib.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def load_config_dict(workdir) -> Optional[dict]:
+  path = pathlib.Path(workdir) / "config.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (how TPU VMs announce preemption); the loop checkpoints and exits when it sees it."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self._event.set()
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+  def restore_handler(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

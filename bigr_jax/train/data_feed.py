@@ -1,0 +1,53 @@
+"""Batches for the generator trainer: bit codes and labels, from a configured source."""
+
+from typing import Any, Iterator, NamedTuple, Optional
+
+import numpy as np
+
+
+class Feed(NamedTuple):
+  iterator: Iterator[dict]
+  checkpointable: Optional[Any]  # a grain iterator whose state goes into checkpoints, if any
+  num_examples: Optional[int]
+
+
+class SyntheticCodes:
+  """Learnable stand-in codes: each class has a fixed bit pattern; samples flip each bit with p = `noise`.
+
+  A random-access source (grain-compatible), deterministic per (seed, index). For tests and benchmarks only.
+  """
+
+  def __init__(self, num_tokens: int, bits: int, num_classes: int, size: int = 4096, noise: float = 0.05,
+               seed: int = 0):
+    self.num_tokens, self.bits, self.num_classes = num_tokens, bits, num_classes
+    self.size, self.noise, self.seed = size, noise, seed
+    rng = np.random.default_rng(seed)
+    self.patterns = rng.random((num_classes, num_tokens, bits)) < 0.5
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    rng = np.random.default_rng((self.seed, int(index)))
+    label = int(index) % self.num_classes
+    flips = rng.random((self.num_tokens, self.bits)) < self.noise
+    return {"bits": np.logical_xor(self.patterns[label], flips).astype(np.uint8), "label": np.int32(label)}
+
+
+def generator_feed(config, local_batch: int) -> Feed:
+  """The configured code source through the grain loader (sharded per host, checkpointable)."""
+  from bigr_jax import data
+  model = config.model
+  if config.data.name == "synthetic":
+    source = SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, seed=config.seed)
+  else:
+    source = data.build_source(config.data)
+  loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=True,
+                            num_epochs=None, worker_count=config.data.get("worker_count", 0))
+  iterator = iter(loader)
+  return Feed(_as_generator_batches(iterator), iterator, len(source))
+
+
+def _as_generator_batches(iterator):
+  for batch in iterator:
+    yield {"bits": batch["bits"], "label": batch["label"]}

@@ -1,0 +1,86 @@
+"""Metric writing (JSON lines + TensorBoard event files, no TensorFlow) and a progress line."""
+
+import json
+import pathlib
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  """Writes scalars to `metrics.jsonl` and TensorBoard events in the workdir; only process 0 writes."""
+
+  def __init__(self, workdir, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if not self.active:
+      return
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+    if self._tb:
+      self._tb.close()
+
+
+def read_metrics(workdir) -> list:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class Progress:
+  """Step time, images/s, ETA and MFU over the steps since the last report."""
+
+  def __init__(self, total_steps: int, global_batch: int, flops_per_image: float, peak_flops_per_device: float):
+    self.total_steps = total_steps
+    self.global_batch = global_batch
+    self.flops_per_step = flops_per_image * global_batch
+    self.peak = peak_flops_per_device * jax.device_count()
+    self._last_time: Optional[float] = None
+    self._last_step: Optional[int] = None
+
+  def measure(self, step: int) -> dict:
+    now = time.perf_counter()
+    out = {}
+    if self._last_time is not None and step > self._last_step:
+      step_time = (now - self._last_time) / (step - self._last_step)
+      out = {"step_time_s": step_time, "images_per_s": self.global_batch / step_time,
+             "eta_min": (self.total_steps - step) * step_time / 60.0}
+      if self.peak > 0:
+        out["mfu"] = self.flops_per_step / step_time / self.peak
+    self._last_time, self._last_step = now, step
+    return out
+
+
+def format_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
+  parts = [f"step {step}/{total}"]
+  for key in ("loss", "bit_accuracy", "images_per_s", "step_time_s", "eta_min", "mfu"):
+    if key in scalars:
+      value = scalars[key]
+      parts.append(f"{key} {value:.4g}" if key != "mfu" else f"mfu {100 * value:.1f}%")
+  return " | ".join(parts)
+
+
+def mean_metrics(history) -> dict:
+  """Averages a list of per-step metric dicts (numpy scalars)."""
+  keys = history[0].keys()
+  return {k: float(np.mean([h[k] for h in history])) for k in keys}

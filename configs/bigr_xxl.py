@@ -1,0 +1,20 @@
+"""BiGR-XXL (1.5B): 48 layers, width 1536, transcoder 8 x 1536. Paper: batch 512, 400 epochs, 25 iterations, gumbel 0.30.
+
+Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU).
+Example: python -m bigr_jax.main --config=configs/bigr_xxl.py:bits=24 --workdir=gs://bucket/bigr_xxl
+"""
+
+from bigr_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, bits=24, runlocal=False)
+  c = config_lib.base_generator_config()
+  c.model = config_lib.generator_model("XXL", arg.bits, dtype="bfloat16", remat_policy="dots")
+  c.batch_size = 512
+  c.data.image_size = 256
+  c.sample.num_iter = 25
+  c.sample.gumbel_temp = 0.30
+  if arg.runlocal:
+    config_lib.shrink_for_cpu(c)
+  return c
