@@ -75,3 +75,16 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.sample.update(labels=(0, 1, 2, 3), num_iter=4, batch_size=4)
   return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:args]' the way --config does (for tools outside absl flags)."""
+  import importlib.util
+  import pathlib
+  path, _, arg = spec.partition(":")
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"no config file {path}")
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -85,6 +85,16 @@ def expected_torch_shapes(config: GeneratorConfig) -> Dict[str, tuple]:
   return out
 
 
+def state_dict_shapes(config: GeneratorConfig) -> "collections.OrderedDict[str, tuple]":
+  """Every entry of the original state_dict in order: parameters, their `_denoise_fn` aliases, buffers."""
+  shapes = collections.OrderedDict(expected_torch_shapes(config))
+  for key in [k for k in shapes if k.startswith("denoise_mlp.")]:
+    shapes[ALIAS_PREFIX + key[len("denoise_mlp."):]] = shapes[key]
+  for name in BUFFERS:
+    shapes[BUFFER_PREFIX + name] = (config.n_sample_steps + 1,)
+  return shapes
+
+
 def _hint(config: GeneratorConfig, key: str, got, want) -> str:
   """A likely config field for a shape mismatch."""
   if key.startswith("tok_embeddings.weight") or key.endswith("x_embedder.weight"):

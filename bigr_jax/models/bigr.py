@@ -82,6 +82,20 @@ class BiGR(nn.Module):
     """Flip logits (R, K) from noisy bits x_t (R, K), timesteps t - 1 (R,) and conditions (R, dim)."""
     return self.denoise_mlp(x_t, t_minus_1, cond)
 
+  # The denoiser in parts, for samplers: a token's condition embedding is shared by every diffusion step
+  # and a timestep's embedding by every token, so each is computed once.
+  def embed_condition(self, cond):
+    """Transcoder conditions (..., dim) -> the denoiser's condition embeddings (..., W)."""
+    return self.denoise_mlp.embed_condition(cond)
+
+  def embed_time(self, t_minus_1):
+    """Timesteps t - 1 (R,) -> the denoiser's timestep embeddings (R, W)."""
+    return self.denoise_mlp.embed_time(t_minus_1)
+
+  def denoise_step(self, x_t, t_emb, c_emb):
+    """Flip logits (..., K) from x_t (..., K) and embeddings broadcasting against it (..., W)."""
+    return self.denoise_mlp.step(x_t, t_emb, c_emb)
+
   def features(self, bits, labels, layers: Sequence[int], label_weights=None):
     """{layer: (B, N, dim)} hidden states after block `layer` (0-based), before the final norm, no class token.
 

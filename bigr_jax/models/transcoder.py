@@ -125,19 +125,42 @@ def weighted_bce(logits, target, focal: float = 0.0, alpha: float = -1.0):
   return ce
 
 
-def reverse_probs(x_t, x0_probs, t, t_next, schedule):
-  """P(z_{t_next} = 1 | z_t, predicted P(z_0 = 1)) of the reverse process, as the original samples it.
+def reverse_coefficients(num_steps: int, infer_steps: int) -> dict:
+  """Per reverse step (descending t): t - 1 for the denoiser, and k, b of t_next and the t -> t_next keep.
+
+  `keep` is the product of the one-step keep probabilities t_next+1..t: the one-step maps are affine
+  (x -> beta x + (1 - beta) / 2), so their composition is one affine map. The last step (t = 1) has no
+  t_next; its entries (k = 1, b = 0, keep = 1) are never used.
+  """
+  schedule = linear_schedule(num_steps)
+  steps = inference_timesteps(num_steps, infer_steps)
+  nxt = np.append(steps[1:], 0)
+  beta = schedule["beta"].astype(np.float64)
+  keep = np.array([np.prod(beta[n + 1:t + 1]) for t, n in zip(steps, nxt)])
+  last = nxt == 0
+  return {
+      "t_minus_1": (steps - 1).astype(np.int32),
+      "k_next": np.where(last, 1.0, schedule["k_final"][nxt]).astype(np.float32),
+      "b_next": np.where(last, 0.0, schedule["b_final"][nxt]).astype(np.float32),
+      "keep": np.where(last, 1.0, keep).astype(np.float32),
+  }
+
+
+def bernoulli_posterior(x_t, x0_probs, k_next, b_next, keep):
+  """P(z_{t_next} = 1 | z_t, predicted P(z_0 = 1)), as the original samples it.
 
   prior = q(z_{t_next} | z_0) averaged over the prediction; likelihood = the one-step transitions
-  t_next+1..t applied to the indicator of z_t. Both are normalised over {1, 0}.
+  t_next+1..t applied to the indicator of z_t (one affine map with slope `keep`). Both over {1, 0}.
   """
-  k, b = schedule["k_final"][t_next], schedule["b_final"][t_next]
-  prior_one = k * x0_probs + b
-  prior_zero = k * (1 - x0_probs) + b
-  # The one-step maps are affine (x -> beta x + (1 - beta) / 2), so their composition is one affine map.
+  one = (k_next * x0_probs + b_next) * (x_t * keep + 0.5 * (1 - keep))
+  zero = (k_next * (1 - x0_probs) + b_next) * ((1 - x_t) * keep + 0.5 * (1 - keep))
+  return one / (one + zero)
+
+
+def reverse_probs(x_t, x0_probs, t, t_next, schedule):
+  """`bernoulli_posterior` for timesteps t > t_next >= 1 (possibly traced) and `linear_schedule` buffers."""
   steps = jnp.arange(schedule["beta"].shape[0])
   keep = jnp.prod(jnp.where((steps > t_next) & (steps <= t), schedule["beta"], 1.0))
-  like_one = x_t * keep + 0.5 * (1 - keep)
-  like_zero = (1 - x_t) * keep + 0.5 * (1 - keep)
-  one, zero = prior_one * like_one, prior_zero * like_zero
-  return one / (one + zero)
+  k_next = jnp.asarray(schedule["k_final"])[t_next]
+  b_next = jnp.asarray(schedule["b_final"])[t_next]
+  return bernoulli_posterior(x_t, x0_probs, k_next, b_next, keep)
