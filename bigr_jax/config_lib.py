@@ -68,6 +68,7 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(dim=64, n_layer=2, n_head=4, denoise_hidden_dim=64, num_block_mlp=2, block_size=16, seq_len=16,
                  num_classes=10, scan_layers=True, dtype="float32", remat_policy="none")
   c.batch_size = 8
+  c.optim.lr = 1e-3
   c.total_steps = 20
   c.log_every = 5
   c.checkpoint_every = 10

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 
-import grain
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -14,7 +13,6 @@ from sklearn.datasets import load_digits
 from sklearn.datasets import load_sample_image
 
 from bigr_jax import data
-from bigr_jax.data import codes as codes_lib
 from bigr_jax.data import sources
 
 

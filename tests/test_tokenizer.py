@@ -10,6 +10,7 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -165,10 +166,14 @@ def test_lfq_quantizer_signs_and_entropy_gradient():
   config = TINY.replace(quantizer="lfq")
   quantizer = tokenizer.BinaryQuantizer(config)
   features = jax.random.normal(jax.random.key(0), (2, 4, 4, config.emb_dim))
-  variables = quantizer.init(jax.random.key(1), features, False)
-  bits, probs, aux = quantizer.apply(variables, features, False)  # no 'sample' rng: lfq never samples
+  variables = jax.jit(quantizer.init, static_argnums=2)(jax.random.key(1), features, False)
+
+  def entropy_loss_and_bits(variables):
+    bits, probs, aux = quantizer.apply(variables, features, False)  # no 'sample' rng: lfq never samples
+    return aux["entropy_loss"], (bits, probs)
+
+  grads, (bits, probs) = jax.jit(jax.grad(entropy_loss_and_bits, has_aux=True))(variables)
   np.testing.assert_array_equal(bits, (probs > 0.5).astype(np.float32))
-  grads = jax.grad(lambda v: quantizer.apply(v, features, False)[2]["entropy_loss"])(variables)
   assert float(jnp.abs(nn.meta.unbox(grads)["params"]["proj"]["kernel"]).sum()) > 0
   with pytest.raises(ValueError, match="quantizer"):
     TINY.replace(quantizer="vq")
@@ -324,15 +329,17 @@ def _torch_patchgan(torch, ndf, n_layers):
     layers += [torch.nn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
                torch.nn.BatchNorm2d(ndf * mult), torch.nn.LeakyReLU(0.2)]
   layers.append(torch.nn.Conv2d(ndf * mult, 1, 4, 1, 1))
-  return torch.nn.Sequential(*layers)
+  reference = torch.nn.Module()
+  reference.main = torch.nn.Sequential(*layers)  # keys `main.i.*`, as in the original
+  return reference
 
 
-def test_discriminator_matches_torch_and_round_trips():
+def test_discriminator_matches_torch_and_round_trips(tmp_path):
   torch = pytest.importorskip("torch")
   torch.manual_seed(0)
   reference = _torch_patchgan(torch, ndf=16, n_layers=3)
   with torch.no_grad():
-    for module in reference:
+    for module in reference.main:
       if isinstance(module, torch.nn.BatchNorm2d):
         module.running_mean.normal_()
         module.running_var.uniform_(0.5, 2.0)
@@ -350,7 +357,7 @@ def test_discriminator_matches_torch_and_round_trips():
   got = apply(variables, images.transpose(0, 2, 3, 1))
   reference.eval()
   with torch.no_grad():
-    want = reference(torch.from_numpy(images)).numpy().transpose(0, 2, 3, 1)
+    want = reference.main(torch.from_numpy(images)).numpy().transpose(0, 2, 3, 1)
   assert got.shape == want.shape == (2, 2, 2, 1)
   _close(got, want, "discriminator")
   back = tw.discriminator_flax_to_torch(variables, ndf=16)
@@ -358,6 +365,8 @@ def test_discriminator_matches_torch_and_round_trips():
   for key, value in state_dict.items():
     if not key.endswith("num_batches_tracked"):
       np.testing.assert_array_equal(back[key], value, err_msg=key)
+  tw.write_state_dict(back, tmp_path / "disc.th")
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in tw.read_state_dict(tmp_path / "disc.th").items()})
   init_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert jax.tree.structure(nn.meta.unbox(init_vars)) == jax.tree.structure(variables)
 
@@ -423,6 +432,20 @@ def test_lpips_matches_torch_reference():
   assert got.shape == (2,)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   same = lpips(params, images.transpose(0, 2, 3, 1), images.transpose(0, 2, 3, 1))
-  np.testing.assert_array_equal(same, 0.0)
+  np.testing.assert_allclose(same, 0.0, atol=1e-12)
   with pytest.raises(ValueError, match="missing"):
     tw.lpips_torch_to_flax(vgg)
+
+
+def test_runs_sharded_on_a_mesh():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  from bigr_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  model = tokenizer.BinaryAutoEncoder(TINY)
+  boxed = tokenizer.param_shapes(TINY)
+  shardings = parallel.logical_shardings(boxed, mesh, parallel.DEFAULT_RULES)
+  params = jax.jit(tokenizer.init_params, static_argnums=0, out_shardings=shardings)(TINY, jax.random.key(0))
+  images = jax.device_put(jnp.ones((4, 16, 16, 3)) * 0.5, parallel.batch_sharding(mesh, 4))
+  recon, aux = jax.jit(lambda p, x: model.apply(p, x, deterministic=True))({"params": params}, images)
+  assert recon.shape == (4, 16, 16, 3) and aux["bits"].shape == (4, TINY.latent_size, TINY.latent_size, 8)

@@ -108,10 +108,10 @@ def _listing(names: list[str], limit: int = 20) -> str:
   return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check(found: dict, expected: dict, what: str):
-  """Raises one ValueError naming every missing, unexpected and mis-shaped entry."""
+def _check(found: dict, expected: dict, what: str, strays: Iterable[str] = ()):
+  """Raises one ValueError naming every missing, unexpected (strays included) and mis-shaped entry."""
   missing = [k for k in expected if k not in found]
-  unexpected = [k for k in found if k not in expected]
+  unexpected = [k for k in found if k not in expected] + list(strays)
   misshaped = [f"{k}: expected {tuple(expected[k])}, got {tuple(found[k])}"
                for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
   if missing or unexpected or misshaped:
@@ -137,13 +137,15 @@ def split_checkpoint(state_dict: dict) -> dict[str, dict]:
   return groups
 
 
-def _select(state_dict: dict, group: str) -> dict:
-  """The entries of one group, from a bare dict or a prefixed checkpoint; other groups are dropped."""
+def _select(state_dict: dict, group: str) -> tuple[dict, list[str]]:
+  """(entries of one group, stray keys) from a bare dict or a prefixed checkpoint; other groups are dropped.
+
+  In a prefixed checkpoint, keys without a known prefix are strays, reported as unexpected.
+  """
   groups = split_checkpoint(state_dict)
   if groups[group]:
-    # Bare keys beside prefixed ones are not ours: keep them so the check reports them as unexpected.
-    return {**groups[group], **groups[""]}
-  return groups[""]
+    return groups[group], list(groups[""])
+  return groups[""], []
 
 
 def _set(tree: dict, path: tuple, value):
@@ -177,9 +179,11 @@ def _to_torch(array, how):
   return np.ascontiguousarray(array.transpose(3, 2, 0, 1)) if how == "conv" else array.copy()
 
 
-def _import(state_dict: dict, specs: list, what: str) -> dict:
-  expected = {key: shape for key, _, _, shape in specs}
-  _check({k: np.shape(v) for k, v in state_dict.items()}, expected, what)
+def _import(selected: tuple[dict, list[str]], specs: list, what: str) -> dict:
+  state_dict, strays = selected
+  # Step counters are optional on the way in (older torch files lack them); nothing reads them.
+  expected = {key: shape for key, _, how, shape in specs if how != "counter" or key in state_dict}
+  _check({k: np.shape(v) for k, v in state_dict.items()}, expected, what, strays)
   tree = {}
   for key, path, how, _ in specs:
     if path is not None:
@@ -250,12 +254,13 @@ def lpips_torch_to_flax(state_dict: dict) -> dict:
 
   VGG's classifier and LPIPS's fixed scaling-layer buffers are ignored.
   """
+  selected, strays = _select(state_dict, "perceptual")
   renamed = {}
-  for key, value in _select(state_dict, "perceptual").items():
+  for key, value in selected.items():
     key = _LPIPS_SLICE_KEY.sub(r"features.\1.", key)
     if not _LPIPS_IGNORED.match(key):
       renamed[key] = value
-  return _import(renamed, lpips_specs(), "LPIPS state dict")
+  return _import((renamed, strays), lpips_specs(), "LPIPS state dict")
 
 
 def lpips_flax_to_torch(params) -> dict[str, np.ndarray]:
@@ -331,9 +336,9 @@ def write_state_dict(state_dict: dict, path: os.PathLike):
   """
   path = pathlib.Path(path)
   suffix = path.suffix.lower()
-  arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+  arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # ascontiguousarray makes 0-d 1-d
   if suffix not in TORCH_SUFFIXES + (".npz", ".safetensors"):
-    raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth, .npz or .safetensors")
+    raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
   path.parent.mkdir(parents=True, exist_ok=True)
   handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
   os.close(handle)

@@ -3,8 +3,10 @@
 Each JAX process reads a disjoint shard of the records (`ShardOptions(process_index, process_count)`,
 equal sizes) and yields `global_batch_size // process_count` records a step, so every host takes the
 same number of steps; `parallel.py` assembles the global batch. Order, flips and shards depend only on
-the seed, so `iterator.get_state()` saved with a checkpoint and `set_state()` on restart give the
-resumed run the same stream.
+the seed (and the worker count: grain hands whole batches to workers in turn, so 0 and 2 workers give
+different streams), so `iterator.get_state()` saved with a checkpoint and `set_state()` on restart
+give the resumed run the same stream. grain refuses a state saved under another sampler (seed,
+shards, epochs), worker count or source (`repr`).
 """
 
 from typing import Optional, Sequence
@@ -12,6 +14,7 @@ from typing import Optional, Sequence
 from absl import flags
 import grain
 import jax
+import numpy as np
 
 
 def per_host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -55,8 +58,9 @@ def make_loader(source, *, global_batch_size: int, seed: int, shuffle: bool = Tr
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
   batch_size = per_host_batch_size(global_batch_size, process_count)
-  if not isinstance(seed, int) or not 0 <= seed < 2**32:
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed!r}: grain needs an int in [0, 2**32)")
+  seed = int(seed)
   num_records = len(source)
   records_per_host = num_records // process_count
   if records_per_host < 1:

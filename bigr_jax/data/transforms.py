@@ -73,6 +73,9 @@ class RandomFlipCodes(grain.transforms.RandomMap):
   """
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if "codes_flipped" not in element:
+      raise ValueError("records carry no codes_flipped: build the codes source with flip=True "
+                       "(data.flip) or leave RandomFlipCodes out")
     element = dict(element)
     flipped = element.pop("codes_flipped")
     if rng.random() < 0.5:

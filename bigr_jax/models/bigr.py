@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigr_jax.models.config import GeneratorConfig
-from bigr_jax.models.transcoder import DenoiseMLP, linear_schedule, weighted_bce
+from bigr_jax.models.transcoder import DenoiseMLP, linear_schedule, masked_token_mean, weighted_bce
 from bigr_jax.models.transformer import RMSNorm, Trunk, dense, dense_init, param_with_axes, rope_2d_table
 
 
@@ -135,8 +135,7 @@ class BiGR(nn.Module):
     logits = self.denoise(x_t, t - 1, cond.reshape(-1, cfg.dim))
     target = jnp.logical_xor(z0 > 0.5, x_t > 0.5).astype(jnp.float32) if cfg.p_flip else z0
     per_bit = weighted_bce(logits, target, cfg.focal, cfg.alpha)
-    masked = token_mask.reshape(-1, 1).astype(jnp.float32)
-    loss = jnp.sum(per_bit * masked) / (count * num_bits)
+    loss = masked_token_mean(per_bit, token_mask)
     x0_logits = jnp.where(x_t > 0.5, -logits, logits) if cfg.p_flip else logits
     bit_accuracy = jnp.mean(((x0_logits > 0) == (z0 > 0.5)).astype(jnp.float32))
     return loss, {"loss": loss, "bit_accuracy": bit_accuracy, "mask_ratio": count / num_tokens}

@@ -288,8 +288,15 @@ def straight_through_bits(bit_probs, key: Optional[jax.Array], deterministic: bo
 
 
 def binary_entropy(p, eps: float = 1e-6):
+  """Entropy (nats) of Bernoulli(p); clipped so saturated probabilities stay finite."""
   p = jnp.clip(p, eps, 1 - eps)
   return -(p * jnp.log(p) + (1 - p) * jnp.log(1 - p))
+
+
+def binary_entropy_from_logits(logits):
+  """Entropy of Bernoulli(sigmoid(l)) without clipping: p softplus(-l) + (1 - p) softplus(l)."""
+  p = jax.nn.sigmoid(logits)
+  return p * jax.nn.softplus(-logits) + (1 - p) * jax.nn.softplus(logits)
 
 
 class BinaryQuantizer(nn.Module):
@@ -325,7 +332,7 @@ class BinaryQuantizer(nn.Module):
     code_loss = jnp.mean(jax.nn.sigmoid(bit_probs) * (1 - jax.nn.sigmoid(bit_probs)))
     # LFQ-style entropy penalty, factorised over bits: confident bits per token (low per-position entropy),
     # but every bit used across the batch (high entropy of its mean).
-    sample_entropy = jnp.mean(binary_entropy(bit_probs))
+    sample_entropy = jnp.mean(binary_entropy_from_logits(logits))
     batch_entropy = jnp.mean(binary_entropy(jnp.mean(bit_probs, axis=(0, 1, 2))))
     aux = {"code_loss": code_loss, "entropy_loss": sample_entropy - batch_entropy,
            "sample_entropy": sample_entropy, "batch_entropy": batch_entropy}

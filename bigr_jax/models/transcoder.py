@@ -157,6 +157,12 @@ def bernoulli_posterior(x_t, x0_probs, k_next, b_next, keep):
   return one / (one + zero)
 
 
+def masked_token_mean(per_bit, token_mask):
+  """Mean of per-bit losses (R, K) over the rows whose token is masked (R,), as the original reduces it."""
+  weights = token_mask.reshape(-1, 1).astype(per_bit.dtype)
+  return jnp.sum(per_bit * weights) / (jnp.sum(weights) * per_bit.shape[-1])
+
+
 def reverse_probs(x_t, x0_probs, t, t_next, schedule):
   """`bernoulli_posterior` for timesteps t > t_next >= 1 (possibly traced) and `linear_schedule` buffers."""
   steps = jnp.arange(schedule["beta"].shape[0])

@@ -27,27 +27,37 @@ class SyntheticCodes:
   def __len__(self):
     return self.size
 
+  def __repr__(self):  # grain checks the source by repr when restoring an iterator
+    return (f"SyntheticCodes(num_tokens={self.num_tokens}, bits={self.bits}, num_classes={self.num_classes}, "
+            f"size={self.size}, noise={self.noise}, seed={self.seed})")
+
   def __getitem__(self, index):
     rng = np.random.default_rng((self.seed, int(index)))
     label = int(index) % self.num_classes
     flips = rng.random((self.num_tokens, self.bits)) < self.noise
-    return {"bits": np.logical_xor(self.patterns[label], flips).astype(np.uint8), "label": np.int32(label)}
+    return {"codes": np.logical_xor(self.patterns[label], flips).astype(np.uint8), "label": np.int32(label)}
 
 
-def generator_feed(config, local_batch: int) -> Feed:
+def generator_feed(config) -> Feed:
   """The configured code source through the grain loader (sharded per host, checkpointable)."""
   from bigr_jax import data
   model = config.model
   if config.data.name == "synthetic":
-    source = SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, seed=config.seed)
+    source, transforms = SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, seed=config.seed), []
+  elif config.data.name in data.builder.CODE_SOURCES:
+    source, transforms = data.build_source(config.data), data.build_transforms(config.data)
   else:
-    source = data.build_source(config.data)
+    raise ValueError(f"the generator trains on bit codes: data.name={config.data.name!r} is an image source. "
+                     "Extract codes first (--mode=encode with a tokenizer config), then set data.name='codes'.")
   loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=True,
-                            num_epochs=None, worker_count=config.data.get("worker_count", 0))
+                            num_epochs=None, transforms=transforms, worker_count=config.data.get("worker_count", 0))
   iterator = iter(loader)
-  return Feed(_as_generator_batches(iterator), iterator, len(source))
+  return Feed(_as_generator_batches(iterator, model.seq_len, model.binary_size), iterator, len(source))
 
 
-def _as_generator_batches(iterator):
+def _as_generator_batches(iterator, num_tokens: int, bits: int):
   for batch in iterator:
-    yield {"bits": batch["bits"], "label": batch["label"]}
+    codes = batch["codes"]
+    if codes.shape[1:] != (num_tokens, bits):
+      raise ValueError(f"codes of shape {codes.shape[1:]} do not fit the model ({num_tokens} tokens x {bits} bits)")
+    yield {"bits": codes, "label": batch["label"]}

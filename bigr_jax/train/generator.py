@@ -103,8 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, batches=
   from bigr_jax.train import data_feed
   workdir = pathlib.Path(workdir)
   mesh = parallel.make_mesh(config.mesh)
-  local_batch = parallel.batch_size_per_process(config.batch_size, mesh)
-  feed = data_feed.generator_feed(config, local_batch) if batches is None else data_feed.Feed(batches, None, None)
+  parallel.batch_size_per_process(config.batch_size, mesh)  # fails early on a batch the mesh cannot split
+  feed = data_feed.generator_feed(config) if batches is None else data_feed.Feed(iter(batches), None, None)
   steps = total_steps(config, feed.num_examples)
   trainer = GeneratorTrainer(config, mesh, steps)
   ckpt = checkpoints.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, batches=
                                f"is step {last} in {ckpt.directory}. Lower the lr or check the data.")
 
   try:
-    with mesh:
+    with jax.set_mesh(mesh):
       for step in range(start, steps):
         batch = parallel.to_global(next(feed.iterator), mesh)
         state, step_metrics = trainer.train_step(state, batch, train_key)
