@@ -157,7 +157,7 @@ CONFIGS = {
     "cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=2.5, cfg_schedule="linear", gumbel_temp=0.5,
                                  gumbel_schedule="down"),
     "no_cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, gumbel_schedule="up",
-                                    ordering="entropy", token_sampling="threshold", transcode_chunks=1),
+                                    ordering="entropy", token_sampling="threshold", transcode_sizes=1),
 }
 LABELS = {"cfg": np.array([0, 1, 2, 3, 4, 5, 6, 10]), "no_cfg": np.array([7, 10])}
 

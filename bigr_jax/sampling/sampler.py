@@ -8,8 +8,8 @@ static trip counts; per-iteration counts, CFG scales and Gumbel temperatures are
 labels, seeds, masks and schedule values change nothing in the compiled program.
 
 Work the original does that is not needed (the distribution of the result is unchanged):
-- decoded tokens are not transcoded: tokens are put in a masked-first order and transcoded a chunk at a
-  time, only the chunks that hold masked tokens (an inner loop with a dynamic trip count);
+- decoded tokens are not transcoded: tokens are put in a masked-first order and each diffusion step runs
+  the smallest of a few padded sizes that holds the masked ones (`lax.switch`);
 - each token's condition embedding is computed once per iteration, each timestep's embedding once;
 - the conditional and null halves go through one call and share the embedding of x_t.
 
@@ -43,9 +43,8 @@ class SamplerConfig:
 
   ordering: "confidence" (the original: mean |2p - 1| over bits) or "entropy" (minus the mean binary
     entropy of the bits). token_sampling: "bernoulli" (the original) or "threshold" (p > 0.5).
-  transcode_chunks: the token axis is transcoded in this many chunks of ceil(N / chunks) tokens,
-    masked tokens first, and only the chunks holding masked tokens are run; 1 transcodes every token
-    every iteration, as the original.
+  transcode_sizes: the still-masked tokens are transcoded in the smallest padded size, a multiple of
+    ceil(N / transcode_sizes), that holds them; 1 transcodes every token every iteration, as the original.
   """
   num_iter: int = 20
   cfg_scale: float = 3.0
@@ -57,15 +56,15 @@ class SamplerConfig:
   token_sampling: str = "bernoulli"
   temperature: float = 1.0
   infer_steps: int = 100
-  transcode_chunks: int = 8
+  transcode_sizes: int = 8
 
   def __post_init__(self):
     if self.num_iter < 1:
       raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
     if self.infer_steps < 1:
       raise ValueError(f"infer_steps must be >= 1, got {self.infer_steps}")
-    if self.transcode_chunks < 1:
-      raise ValueError(f"transcode_chunks must be >= 1, got {self.transcode_chunks}")
+    if self.transcode_sizes < 1:
+      raise ValueError(f"transcode_sizes must be >= 1, got {self.transcode_sizes}")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
     for name, value, allowed in (("ordering", self.ordering, ORDERINGS),
@@ -176,60 +175,61 @@ def top_k_mask(scores, counts):
   return ranks < counts[:, None]
 
 
+def padded_sizes(num_tokens: int, sizes: int) -> tuple:
+  """Token counts the transcoder can run on: multiples of ceil(N / sizes), the largest N."""
+  step = -(-num_tokens // sizes)
+  return tuple(sorted({min(num_tokens, step * j) for j in range(1, sizes + 1)}))
+
+
 def _transcode(fns: ModelFns, config: SamplerConfig, cond, masked, num_bits, t_emb, cfg, rng, iteration,
-               all_chunks, constrain):
+               all_tokens, constrain):
   """P(z0 = 1) (B, N, K) at the last reverse step for every masked token (zeros where not transcoded).
 
-  Tokens are put in a masked-first order and transcoded `chunk` at a time, only as many chunks as hold
-  every row's masked tokens (all of them with `all_chunks`). Every draw is made at full (B, N, K) shape
-  and permuted the same way, so the result does not depend on the chunking.
+  Tokens are put in a masked-first order and each diffusion step runs the first S of them, S the smallest
+  padded size that holds every row's masked tokens (N with `all_tokens`): one `lax.switch` branch per
+  size, so the matmuls keep as many rows as possible. Every draw is made at full (B, N, K) shape and
+  permuted the same way, so the result does not depend on the size.
   """
   batch, num_tokens = masked.shape
   shape = (batch, num_tokens, num_bits)
-  chunk = -(-num_tokens // config.transcode_chunks)
-  padded = chunk * config.transcode_chunks
+  sizes = (num_tokens,) if all_tokens else padded_sizes(num_tokens, config.transcode_sizes)
   coeffs = {k: jnp.asarray(v) for k, v in reverse_coefficients(fns.num_timesteps, config.infer_steps).items()}
   order = jnp.argsort(jnp.logical_not(masked), axis=-1, stable=True)  # masked tokens first, in token order
   position = jnp.argsort(order, axis=-1)  # where each token sits in `order`
 
   def permute(x, axis):
     idx = order.reshape(batch, *([1] * (axis - 1)), num_tokens, *([1] * (x.ndim - axis - 1)))
-    x = jnp.take_along_axis(x, idx, axis=axis)
-    return jnp.pad(x, [(0, padded - num_tokens if a == axis else 0) for a in range(x.ndim)])
+    return jnp.take_along_axis(x, idx, axis=axis)
 
   def uniform(purpose, *indices):
-    u = constrain(jax.random.uniform(noise_key(rng, purpose, iteration, *indices), shape))
-    return permute(u, 1)
+    return permute(constrain(jax.random.uniform(noise_key(rng, purpose, iteration, *indices), shape)), 1)
 
-  c_emb = fns.embed_condition(permute(cond, 2))  # (B, G, P, W), once for every diffusion step
-  if all_chunks:
-    num_chunks = config.transcode_chunks
-  else:
-    num_chunks = (jnp.max(jnp.sum(masked, axis=-1)) + chunk - 1) // chunk
+  c_emb = fns.embed_condition(permute(cond, 2))  # (B, G, N, W), once for every diffusion step
 
-  def denoise(x_t, c_emb, u, j):
-    logits = fns.denoise_step(x_t[:, None], t_emb[j], c_emb) / config.temperature
-    if c_emb.shape[1] == 2:  # CFG on the logits: l_u + cfg (l_c - l_u)
+  def denoise(size, x_t, probs, u, j):
+    x, c = x_t[:, :size], c_emb[:, :, :size]
+    logits = fns.denoise_step(x[:, None], t_emb[j], c) / config.temperature
+    if c.shape[1] == 2:  # CFG on the logits: l_u + cfg (l_c - l_u)
       logits = logits[:, 1] + cfg * (logits[:, 0] - logits[:, 1])
     else:
       logits = logits[:, 0]
-    probs = jax.nn.sigmoid(logits)
+    p = jax.nn.sigmoid(logits)
     if fns.p_flip:  # the logits are of "bit is flipped": P(z0 = 1) = x_t (1 - q) + (1 - x_t) q
-      probs = x_t * (1 - probs) + (1 - x_t) * probs
-    post = bernoulli_posterior(x_t, probs, coeffs["k_next"][j], coeffs["b_next"][j], coeffs["keep"][j])
-    return (u < post).astype(jnp.float32), probs
+      p = x * (1 - p) + (1 - x) * p
+    post = bernoulli_posterior(x, p, coeffs["k_next"][j], coeffs["b_next"][j], coeffs["keep"][j])
+    x_next = (u[:, :size] < post).astype(jnp.float32)
+    return x_t.at[:, :size].set(x_next), probs.at[:, :size].set(p)
+
+  if len(sizes) == 1:
+    branch_fn = lambda *args: denoise(sizes[0], *args)
+  else:
+    need = jnp.max(jnp.sum(masked, axis=-1))
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), need), len(sizes) - 1)
+    branches = [functools.partial(denoise, size) for size in sizes]
+    branch_fn = lambda *args: jax.lax.switch(branch, branches, *args)
 
   def step(j, carry):
-    u = uniform("diffusion", j)
-
-    def run_chunk(c, carry):
-      x_t, probs = carry
-      piece = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis)
-      x_next, p = denoise(piece(x_t, 1), piece(c_emb, 2), piece(u, 1), j)
-      put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, c * chunk, 1)
-      return put(x_t, x_next), put(probs, p)
-
-    return jax.lax.fori_loop(0, num_chunks, run_chunk, carry)
+    return branch_fn(*carry, uniform("diffusion", j), j)
 
   x_t = (uniform("init") < 0.5).astype(jnp.float32)
   _, probs = jax.lax.fori_loop(0, config.infer_steps, step, (x_t, jnp.zeros_like(x_t)))
@@ -258,7 +258,7 @@ def decode(fns: ModelFns, config: SamplerConfig, tables, rng, bits, masked, *, r
 
   Args:
     fns: the model's callbacks.
-    config: options that shape the program (ordering, token sampling, temperature, steps, chunks, guidance).
+    config: options that shape the program (ordering, token sampling, temperature, steps, sizes, guidance).
     tables: `config.tables(N)` as arrays: "unmask" (N + 1, I), "cfg" (I,), "gumbel" (I,), "final_cfg" ().
     rng: a key.
     bits: (B, N, K) known bits (anything where masked).
