@@ -147,7 +147,7 @@ def cmd_setup(args, extra):
   else:
     tarball = os.path.join(tempfile.gettempdir(), f"bigr_jax-src-{target.name}.tar.gz")
     excludes = [f"--exclude={p}" for p in (".git", ".venv", ".cache", ".pytest_cache", "__pycache__",
-                                           "*.egg-info", "runs", "workdir*")]
+                                           "*.egg-info", "./runs", "./workdir*", "./tests/fixtures")]
     commands.append(["tar", "-czf", tarball, *excludes, "-C", str(ROOT), "."])
     commands.append(target.scp(tarball, "bigr_jax-src.tar.gz"))
     fetch = chain(["mkdir", "-p", remote], ["tar", "-xzf", "bigr_jax-src.tar.gz", "-C", remote],
@@ -158,7 +158,7 @@ def cmd_setup(args, extra):
                   ["cd", remote],
                   f"(test -x .venv/bin/python || {shlex.join(['uv', 'venv', '--python', args.python, '.venv'])})",
                   ["uv", "pip", "install", "--python", ".venv/bin/python", "-e", ".", "jax[tpu]"],
-                  [".venv/bin/python", "-c", "import jax; print(jax.process_index(), jax.device_count())"])
+                  [".venv/bin/python", "-c", "import bigr_jax, jax; print('jax', jax.__version__)"])
   commands.append(target.ssh(chain(fetch, install)))
   return commands
 
@@ -170,7 +170,7 @@ def cmd_run(args, extra):
   main = [".venv/bin/python", "-m", "bigr_jax.main", f"--config={args.config}", f"--workdir={workdir}"]
   main += [f"--mode={args.mode}"] if args.mode else []
   main += extra
-  if target.slices > 1 and not any(a.startswith("--config.mesh.dcn_data") for a in extra):
+  if target.slices > 1 and not any(a.split("=")[0] == "--config.mesh.dcn_data" for a in extra):
     main.append(f"--config.mesh.dcn_data={target.slices}")
   if args.background:
     log = f"logs/{run_name(workdir)}.log"
@@ -210,7 +210,8 @@ def parser() -> argparse.ArgumentParser:
     if key == "queued":
       common.add_argument("--queued", action="store_const", const="1", help=f"{desc} [{env}]")
     else:
-      common.add_argument(flag_name(key), dest=key, help=f"{desc} [{env}]" + (f", default {default}" if default else ""))
+      default_help = f", default {default}" if default else ""
+      common.add_argument(flag_name(key), dest=key, help=f"{desc} [{env}]{default_help}")
   common.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
 
   p = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__.split("\n")[0])
@@ -238,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = dict(create=cmd_create, setup=cmd_setup, run=cmd_run, sync=cmd_sync, status=cmd_status, delete=cmd_delete)
 TARGET = ("project", "zone", "name")
-NEEDS = dict(create=TARGET + ("type",), setup=TARGET, run=TARGET, sync=TARGET, status=TARGET, delete=TARGET)
+NEEDS = dict(create=TARGET + ("type",), setup=TARGET, run=TARGET, sync=TARGET + ("bucket",), status=TARGET,
+             delete=TARGET)
 
 
 def build(argv) -> tuple:
@@ -250,6 +252,9 @@ def build(argv) -> tuple:
     argv, extra = argv[:i], argv[i + 1:]
   p = parser()
   args, unknown = p.parse_known_args(argv)
+  if "--dry-run" in extra:  # never passed through: neither gcloud create nor bigr_jax.main has it
+    extra = [a for a in extra if a != "--dry-run"]
+    args.dry_run = True
   if args.command == "run":  # config overrides may also come before `--`
     extra = [a for a in unknown if a.startswith("--config.")] + extra
     unknown = [a for a in unknown if not a.startswith("--config.")]
@@ -257,8 +262,7 @@ def build(argv) -> tuple:
     p.error(f"unrecognized arguments: {' '.join(unknown)}")
   if extra and args.command not in ("create", "run"):
     p.error(f"{args.command} takes no arguments after --")
-  needs = NEEDS[args.command] + (("bucket",) if args.command == "sync" and not args.pull else ())
-  settings(args, *needs)  # every missing setting in one error, before any command is built
+  settings(args, *NEEDS[args.command])  # every missing setting in one error, before any command is built
   return args, COMMANDS[args.command](args, extra)
 
 

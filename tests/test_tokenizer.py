@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bigr_jax.convert import tokenizer_weights as tw
+from bigr_jax.convert import io, tokenizer_weights as tw
 from bigr_jax.models import tokenizer
 from bigr_jax.models.discriminator import Discriminator
 from bigr_jax.models.lpips import LPIPS, VGG16_CONVS
@@ -291,8 +291,8 @@ def test_write_and_read_state_dict(tmp_path, suffix):
     pytest.importorskip("torch")
   state_dict = tw.flax_to_torch(tw.torch_to_flax(_random_state_dict(TINY), TINY), TINY, prefix="ae.")
   path = tmp_path / f"weights{suffix}"
-  tw.write_state_dict(state_dict, path)
-  loaded = tw.read_state_dict(path)
+  io.write_state_dict(state_dict, path)
+  loaded = io.read_state_dict(path)
   if suffix != ".safetensors":  # safetensors orders tensors its own way
     assert list(loaded) == list(state_dict)
   assert set(loaded) == set(state_dict)
@@ -306,15 +306,18 @@ def test_read_state_dict_refuses_pickled_code_and_selects_entries(tmp_path):
   torch = pytest.importorskip("torch")
   nested = tmp_path / "nested.pt"
   torch.save({"ema": {"w": torch.ones(2)}, "step": 3}, nested)
-  assert list(tw.read_state_dict(nested, key="ema")) == ["w"]
+  assert list(io.read_state_dict(nested, key="ema")) == ["w"]
+  assert list(io.read_state_dict(nested)) == ["w"]  # the released layout {"ema": state_dict, ...}
+  two = tmp_path / "two.pt"
+  torch.save({"model": {"w": torch.ones(2)}, "opt": {"v": torch.ones(2)}}, two)
   with pytest.raises(ValueError, match="not a flat state dict"):
-    tw.read_state_dict(nested)
+    io.read_state_dict(two)
   code = tmp_path / "code.pt"
   torch.save({"w": torch.ones(2), "obj": pathlib.PurePosixPath("x")}, code)
   with pytest.raises(ValueError, match="refused"):
-    tw.read_state_dict(code)
+    io.read_state_dict(code)
   with pytest.raises(ValueError, match="unknown weights format"):
-    tw.write_state_dict({}, tmp_path / "w.ckpt")
+    io.write_state_dict({}, tmp_path / "w.ckpt")
 
 
 # --- discriminator ------------------------------------------------------------------------------------
@@ -365,8 +368,8 @@ def test_discriminator_matches_torch_and_round_trips(tmp_path):
   for key, value in state_dict.items():
     if not key.endswith("num_batches_tracked"):
       np.testing.assert_array_equal(back[key], value, err_msg=key)
-  tw.write_state_dict(back, tmp_path / "disc.th")
-  reference.load_state_dict({k: torch.from_numpy(v) for k, v in tw.read_state_dict(tmp_path / "disc.th").items()})
+  io.write_state_dict(back, tmp_path / "disc.th")
+  reference.load_state_dict({k: torch.from_numpy(v) for k, v in io.read_state_dict(tmp_path / "disc.th").items()})
   init_vars = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert jax.tree.structure(nn.meta.unbox(init_vars)) == jax.tree.structure(variables)
 

@@ -1,74 +1,99 @@
-"""Reading and writing PyTorch-style state dicts (.pt/.pth/.th, .npz, .safetensors) as numpy arrays."""
+"""Reading and writing PyTorch-style state dicts (.pt/.pth/.th/.bin, .npz, .safetensors) as numpy arrays."""
 
-import collections
+import os
 import pathlib
+import tempfile
 from typing import Mapping, Optional
 
 import numpy as np
 
-TORCH_SUFFIXES = (".pt", ".pth", ".th", ".bin")
+TORCH_SUFFIXES = (".th", ".pt", ".pth", ".bin")
+SUFFIXES = TORCH_SUFFIXES + (".npz", ".safetensors")
 
 
-def read_state_dict(path, key: Optional[str] = None) -> "collections.OrderedDict[str, np.ndarray]":
-  """Reads a state dict of arrays. For torch files, `key` picks a sub-dict ("ema" in released checkpoints).
+def _tensor_to_numpy(tensor):
+  import torch
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+    tensor = tensor.float()
+  return tensor.numpy()
 
-  Torch files are opened with `weights_only=True`: a file that needs arbitrary pickled code is refused.
-  With key=None, a dict holding "ema" (and no arrays at top level) is unwrapped automatically.
+
+def read_state_dict(path, key: Optional[str] = None) -> dict:
+  """{name: array} in file order. For torch files, `key` picks a nested dict; with key=None a dict whose
+  only state dict sits under "ema" (the released generator checkpoints) is unwrapped.
+
+  Torch files are read with `weights_only=True`: a file that needs arbitrary pickled code is refused.
   """
   path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"no such weights file: {path}")
+  if not path.is_file():
+    raise FileNotFoundError(f"no weights file at {path}")
   suffix = path.suffix.lower()
-  if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      return collections.OrderedDict((k, data[k]) for k in data.files)
-  if suffix == ".safetensors":
-    from safetensors.numpy import load_file
-    return collections.OrderedDict(load_file(str(path)))
+  if suffix not in SUFFIXES:
+    raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
   if suffix in TORCH_SUFFIXES:
+    import pickle
     try:
       import torch
     except ImportError as e:
       raise ImportError("reading PyTorch files needs torch: pip install 'bigr_jax[torch]'") from e
     try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling of anything but tensors and containers is refused
-      raise ValueError(f"{path} could not be loaded as plain tensors (weights_only=True): {e}") from e
+      loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+      raise ValueError(f"{path} is not a plain tensor file (it needs pickled code, refused): {e}") from e
+    if not isinstance(loaded, dict):
+      raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    if key is None and "ema" in loaded and not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+      key = "ema"
     if key is not None:
-      if key not in obj:
-        raise KeyError(f"{path} has no entry {key!r}; its top-level keys are {sorted(obj)[:10]}")
-      obj = obj[key]
-    elif "ema" in obj and not any(hasattr(v, "shape") for v in obj.values()):
-      obj = obj["ema"]
-    return collections.OrderedDict(
-        (k, v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy())
-        for k, v in obj.items() if hasattr(v, "shape"))
-  raise ValueError(f"unknown weights format {suffix!r} for {path}: use .pt/.pth/.th, .npz or .safetensors")
+      if key not in loaded:
+        raise ValueError(f"{path} has no entry {key!r}; its top level holds {list(loaded)[:10]}")
+      loaded = loaded[key]
+    nested = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
+    if nested:
+      raise ValueError(f"{path} is not a flat state dict: entries {nested[:10]} are not tensors; "
+                       "pick one with key=...")
+    return {k: _tensor_to_numpy(v) for k, v in loaded.items()}
+  if key is not None:
+    raise ValueError(f"key={key!r} applies to torch files only, not {suffix}")
+  if suffix == ".npz":
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  from safetensors.numpy import load_file
+  return load_file(str(path))
 
 
 def write_state_dict(state_dict: Mapping[str, np.ndarray], path, wrap_key: Optional[str] = None,
                      aliases: Optional[Mapping[str, str]] = None) -> pathlib.Path:
-  """Writes a state dict. Torch files may wrap it as {wrap_key: state_dict} (the released "ema" layout).
-
-  `aliases` maps extra key -> existing key; in torch files the alias shares the tensor's storage, as the
-  original's duplicate registration does, so the file is no bigger.
+  """Writes {name: array} atomically (temp file + rename). Torch files keep the key order, may wrap the dict
+  as {wrap_key: state_dict} (the released "ema" layout), and store `aliases` (extra key -> existing key)
+  as views of the same storage, as the original's duplicate module registration does.
   """
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  aliases = dict(aliases or {})
   suffix = path.suffix.lower()
-  if suffix in TORCH_SUFFIXES:
-    import torch
-    tensors = collections.OrderedDict()
-    for k, v in state_dict.items():
-      tensors[k] = tensors[aliases[k]] if k in aliases and aliases[k] in tensors else torch.from_numpy(
-          np.ascontiguousarray(v))
-    torch.save({wrap_key: tensors} if wrap_key else tensors, path)
-  elif suffix == ".npz":
-    np.savez(path, **{k: np.asarray(v) for k, v in state_dict.items()})
-  elif suffix == ".safetensors":
-    from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
-  else:
-    raise ValueError(f"unknown weights format {suffix!r} for {path}: use .pt/.pth/.th, .npz or .safetensors")
+  if suffix not in SUFFIXES:
+    raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
+  arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # ascontiguousarray makes 0-d 1-d
+  aliases = dict(aliases or {})
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+  os.close(handle)
+  try:
+    if suffix in TORCH_SUFFIXES:
+      import torch
+      tensors = {}
+      for k, v in arrays.items():
+        tensors[k] = tensors[aliases[k]] if aliases.get(k) in tensors else torch.from_numpy(v)
+      torch.save({wrap_key: tensors} if wrap_key else tensors, tmp)
+    elif suffix == ".npz":
+      with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    else:
+      from safetensors.numpy import save_file
+      save_file(arrays, tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   return path

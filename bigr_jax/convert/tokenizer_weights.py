@@ -7,15 +7,14 @@ all missing, unexpected and mis-shaped entries.
 """
 
 import os
-import pathlib
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import flax.linen as nn
 import numpy as np
 
+from bigr_jax.convert.io import read_state_dict
 from bigr_jax.models.discriminator import discriminator_layout
 from bigr_jax.models.lpips import LPIPS_CHANNELS, VGG16_CONVS
 from bigr_jax.models.tokenizer import TokenizerConfig, decoder_layout, encoder_layout
@@ -274,86 +273,3 @@ def read_lpips_params(paths: Iterable[os.PathLike]) -> dict:
   for path in paths:
     merged.update(read_state_dict(path))
   return lpips_torch_to_flax(merged)
-
-
-# --- files ---------------------------------------------------------------------------------------------
-
-TORCH_SUFFIXES = (".th", ".pt", ".pth", ".bin")
-
-
-def _tensor_to_numpy(tensor):
-  import torch  # pylint: disable=g-import-not-at-top
-  tensor = tensor.detach().cpu()
-  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-    tensor = tensor.float()
-  return tensor.numpy()
-
-
-def read_state_dict(path: os.PathLike, key: Optional[str] = None) -> dict[str, np.ndarray]:
-  """{name: array} from .th/.pt/.pth/.bin (torch, weights only), .npz or .safetensors, in file order.
-
-  `key` selects a nested dict (e.g. "ema" in a generator checkpoint). Torch files are read with
-  `weights_only=True`: a file that needs arbitrary pickled code is refused.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no weights file at {path}")
-  suffix = path.suffix.lower()
-  if suffix in TORCH_SUFFIXES:
-    import pickle  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
-    try:
-      loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-      raise ValueError(f"{path} is not a plain tensor file (it needs pickled code, refused): {error}") from error
-    if key is not None:
-      if not isinstance(loaded, dict) or key not in loaded:
-        top = list(loaded) if isinstance(loaded, dict) else type(loaded).__name__
-        raise ValueError(f"{path} has no entry {key!r}; its top level holds {top}")
-      loaded = loaded[key]
-    if not isinstance(loaded, dict):
-      raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    nested = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
-    if nested:
-      raise ValueError(f"{path} is not a flat state dict: entries {_listing(nested)} are not tensors; "
-                       "pick one with key=...")
-    return {k: _tensor_to_numpy(v) for k, v in loaded.items()}
-  if key is not None:
-    raise ValueError(f"key={key!r} applies to torch files only, not {suffix}")
-  if suffix == ".npz":
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  if suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(str(path))
-  raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
-
-
-def write_state_dict(state_dict: dict, path: os.PathLike):
-  """Writes {name: array} as .th/.pt/.pth (torch.save), .safetensors or .npz, atomically (temp + rename).
-
-  torch and npz keep the key order; safetensors files order tensors their own way.
-  """
-  path = pathlib.Path(path)
-  suffix = path.suffix.lower()
-  arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # ascontiguousarray makes 0-d 1-d
-  if suffix not in TORCH_SUFFIXES + (".npz", ".safetensors"):
-    raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-  os.close(handle)
-  try:
-    if suffix in TORCH_SUFFIXES:
-      import torch  # pylint: disable=g-import-not-at-top
-      torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
-    elif suffix == ".npz":
-      with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    else:
-      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-      save_file(arrays, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
