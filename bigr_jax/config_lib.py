@@ -89,3 +89,61 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None) -> ml_collections.ConfigDict:
+  """A B-AE config: the original's architecture and Binary Latent Diffusion's recipe as far as it is known.
+
+  Arguments: `runlocal` (a tiny autoencoder on the embedded digits, for a CPU), `quantizer=binary|lfq`
+  (lfq is our own variant). BiGR's exact B-AE batch and schedule were not released.
+  """
+  import dataclasses
+  from bigr_jax.models.tokenizer import TokenizerConfig
+  arg = parse_arg(arg, runlocal=False, quantizer="binary")
+  c = ml_collections.ConfigDict()
+  c.family = "tokenizer"
+  c.mode = "train"
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(TokenizerConfig(
+      codebook_size=bits, img_size=image_size, quantizer=arg.quantizer, dtype="bfloat16")))
+  c.batch_size = 24  # BLD runs 3 per GPU (here 8 x 3)
+  c.total_steps = total_steps
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0, decay_step=1_500_000,
+      decay_factor=0.1))  # BLD: lr = 4.5e-6 x per-GPU batch (3); x0.1 at 1.5M
+  c.disc_optim = ml_collections.ConfigDict(dict(name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999, eps=1e-8))
+  c.ema_decay = 0.995
+  c.ema_every = 10
+  c.loss = ml_collections.ConfigDict(dict(
+      perceptual_weight=1.0, disc_weight_max=1.0, disc_start_step=30001, code_weight=0.0, entropy_weight=0.0))
+  c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
+  c.lpips = ml_collections.ConfigDict(dict(vgg_path="", lin_path="", random_init=False))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+  c.logical_axis_rules = ()  # empty: bigr_jax.parallel.DEFAULT_RULES
+  c.data = ml_collections.ConfigDict(dict(
+      name="imagenet", data_dir="", split="train", eval_split="validation", image_size=image_size, flip=True,
+      worker_count=4, on_bad_image="raise", min_image_size=0))
+  c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # for --mode=encode: weights to encode with
+  c.encode_batch_size = 64
+  c.encode_flipped = True
+  c.init_from = ""  # e.g. a released binaryae_ema_*.th
+  c.log_every = 100
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 3
+  c.tensorboard = True
+  if arg.runlocal:
+    # 3 downsamplings of the digits at 32 px (64 px for the 512 model): attention at the last level.
+    local_size = 32 * image_size // 256
+    c.model.update(img_size=local_size, nf=32, ch_mult=(1, 1, 2, 2), res_blocks=1, attn_resolutions=(4,),
+                   emb_dim=32, dtype="float32")
+    c.batch_size = 8
+    c.total_steps = 20
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.loss.update(disc_start_step=10, perceptual_weight=0.0)
+    c.optim.lr = c.disc_optim.lr = 1e-3
+    c.disc.ndf = 16
+    c.data.update(name="digits", split="train", eval_split="test", image_size=local_size, flip=False,
+                  worker_count=0, min_image_size=0)
+    c.encode_batch_size = 64
+  return c

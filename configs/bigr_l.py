@@ -1,7 +1,7 @@
 """BiGR-L (336M): 24 layers, width 1024, transcoder 3 x 1024. Paper: batch 1024, 400 epochs, 20 iterations, gumbel 0.17.
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU).
-Example: python -m bigr_jax.main --config=configs/bigr_l.py:bits=24 --workdir=gs://bucket/bigr_l
+Example: python -m bigr_jax.main --config=configs/bigr_l.py:bits=24 --workdir=/mnt/bucket/bigr_l
 """
 
 from bigr_jax import config_lib

@@ -1,7 +1,7 @@
 """BiGR-L at 512 px (373M): 32x32 tokens of 32 bits, transcoder 6 x 1280.
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU).
-Example: python -m bigr_jax.main --config=configs/bigr_l_512.py:bits=24 --workdir=gs://bucket/bigr_l_512
+Example: python -m bigr_jax.main --config=configs/bigr_l_512.py:bits=24 --workdir=/mnt/bucket/bigr_l_512
 """
 
 from bigr_jax import config_lib

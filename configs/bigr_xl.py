@@ -1,7 +1,7 @@
 """BiGR-XL (799M): 36 layers, width 1280, transcoder 6 x 1280. Paper: batch 512, 400 epochs, 25 iterations, gumbel 0.25.
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU).
-Example: python -m bigr_jax.main --config=configs/bigr_xl.py:bits=24 --workdir=gs://bucket/bigr_xl
+Example: python -m bigr_jax.main --config=configs/bigr_xl.py:bits=24 --workdir=/mnt/bucket/bigr_xl
 """
 
 from bigr_jax import config_lib

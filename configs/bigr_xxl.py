@@ -1,7 +1,7 @@
 """BiGR-XXL (1.5B): 48 layers, width 1536, transcoder 8 x 1536. Paper: batch 512, 400 epochs, 25 iterations, gumbel 0.30.
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU).
-Example: python -m bigr_jax.main --config=configs/bigr_xxl.py:bits=24 --workdir=gs://bucket/bigr_xxl
+Example: python -m bigr_jax.main --config=configs/bigr_xxl.py:bits=24 --workdir=/mnt/bucket/bigr_xxl
 """
 
 from bigr_jax import config_lib

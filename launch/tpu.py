@@ -229,7 +229,8 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("--background", action="store_true", help="detach (nohup), log to logs/RUN.log on each worker")
   c = sub.add_parser("sync", parents=[common], help="rsync the workers' workdir to BUCKET/RUN")
   c.add_argument("--workdir", help="workdir on the workers (default runs/NAME)")
-  c.add_argument("--worker", default="all", help="which workers push (default all: each host's checkpoint shards)")
+  c.add_argument("--worker", default="0", help="which worker(s) push: 0 (default; process 0 writes metrics and "
+                 "config), all, or a list like 0,2")
   c.add_argument("--pull", metavar="DIR", help="instead, copy BUCKET/RUN down to DIR on this machine")
   sub.add_parser("status", parents=[common], help="describe the TPU / queued resource")
   c = sub.add_parser("delete", parents=[common], help="delete the TPU (queued: all slices and the request)")

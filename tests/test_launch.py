@@ -136,11 +136,11 @@ def test_run_background(capsys):
 
 def test_sync_push_and_pull(capsys):
   (ssh,) = dry(capsys, "sync", *TARGET, "--bucket=my-bucket/bigr/")
-  assert shlex.split(ssh)[6] == "--worker=all"
+  assert shlex.split(ssh)[6] == "--worker=0"
   assert remote(ssh) == ["cd", "bigr_jax", "&&", "gcloud", "storage", "rsync", "--recursive", "runs/bigr",
                          "gs://my-bucket/bigr/bigr"]
-  (ssh,) = dry(capsys, "sync", *TARGET, "--bucket=gs://b", "--workdir=runs/xl/", "--worker=0", "--slices=2")
-  assert "--worker=0" in shlex.split(ssh) and "--node=all" in shlex.split(ssh)
+  (ssh,) = dry(capsys, "sync", *TARGET, "--bucket=gs://b", "--workdir=runs/xl/", "--worker=all", "--slices=2")
+  assert "--worker=all" in shlex.split(ssh) and "--node=all" in shlex.split(ssh)
   assert remote(ssh)[-2:] == ["runs/xl/", "gs://b/xl"]
   assert dry(capsys, "sync", *TARGET, "--bucket=gs://b", "--pull=out dir") == [
       "gcloud storage rsync --recursive gs://b/bigr 'out dir'"]

@@ -49,6 +49,8 @@ def mask_from_image(image, grid_size: int = 16, image_size: int = 256) -> np.nda
     image = Image.fromarray(image)
   elif not isinstance(image, Image.Image):
     image = Image.open(image)
+  if image.mode in ("1", "P"):  # bicubic needs 8 bits; palette indices are not brightness
+    image = image.convert("L" if image.mode == "1" else "RGB")
   arr = _center_crop(image, image_size)
   if arr.ndim == 3:
     arr = arr[..., 0]

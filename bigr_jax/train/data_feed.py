@@ -1,14 +1,8 @@
 """Batches for the generator trainer: bit codes and labels, from a configured source."""
 
-from typing import Any, Iterator, NamedTuple, Optional
-
 import numpy as np
 
-
-class Feed(NamedTuple):
-  iterator: Iterator[dict]
-  checkpointable: Optional[Any]  # a grain iterator whose state goes into checkpoints, if any
-  num_examples: Optional[int]
+from bigr_jax.train.loop import Feed
 
 
 class SyntheticCodes:

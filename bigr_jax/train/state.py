@@ -3,6 +3,7 @@
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,3 +59,34 @@ def create_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   # The EMA starts as a copy of the model, as in the original.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=optimizer.init(params))
+
+
+def box_like_params(opt_state, boxed_params):
+  """Gives optimizer moments the logical axes of their params (scalars such as counts stay replicated)."""
+  params_def = jax.tree_util.tree_structure(nn.meta.unbox(boxed_params))
+  boxed_leaves = jax.tree_util.tree_leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  is_params_like = lambda x: jax.tree_util.tree_structure(x) == params_def  # noqa: E731
+
+  def box(subtree):
+    if not is_params_like(subtree):
+      return subtree
+    return jax.tree_util.tree_unflatten(
+        params_def, [b.replace_boxed(v) if isinstance(b, nn.LogicallyPartitioned) else v
+                     for b, v in zip(boxed_leaves, jax.tree_util.tree_leaves(subtree))])
+
+  return jax.tree_util.tree_map(box, opt_state, is_leaf=is_params_like)
+
+
+def sharded_init(init_boxed: Callable, mesh, rules):
+  """eval_shape -> shardings from logical axes -> jit(init, out_shardings): nothing is built unsharded.
+
+  `init_boxed(key)` returns a state whose leaves may carry logical axis names. Returns the jitted
+  init(key), the state shardings and the abstract state (ShapeDtypeStructs with shardings, for restores).
+  """
+  from bigr_jax import parallel
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    nn.meta.unbox(boxed), shardings)
+  init = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)), out_shardings=shardings)
+  return init, shardings, abstract

@@ -1,0 +1,266 @@
+"""Linear probe on frozen features, following MAE's protocol (`main_linprobe.py`) by default.
+
+The head is BatchNorm1d without affine parameters (eps 1e-6) and a linear layer (weights N(0, 0.01),
+bias 0), trained with cross-entropy by LARS (momentum 0.9, trust coefficient 1e-3, biases excluded from
+the trust ratio and from weight decay) for 90 epochs at batch 16384, lr = base_lr 0.1 x batch / 256,
+no weight decay, a linear warmup of 10 epochs and then a half cosine to `min_lr`, the lr set every step
+from the fractional epoch. Top-1 / top-5 come from the running BatchNorm statistics.
+
+Differences from MAE, all because the features are fixed and pre-extracted: no data augmentation
+(MAE's probe re-encodes RandomResizedCrop + flip views each epoch), and optax's LARS puts the lr into the
+momentum buffer (MAE multiplies the buffer by the current lr); the two agree for a constant lr.
+"""
+
+import dataclasses
+import functools
+from typing import Mapping, Optional
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bigr_jax import parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  """Probe recipe (MAE linear-probe defaults)."""
+  epochs: int = 90
+  batch_size: int = 16384
+  base_lr: float = 0.1  # lr = base_lr * batch_size / 256
+  min_lr: float = 0.0
+  warmup_epochs: float = 10.0
+  weight_decay: float = 0.0
+  momentum: float = 0.9
+  trust_coefficient: float = 1e-3
+  optimizer: str = "lars"  # lars | sgd (momentum SGD, for comparison)
+  bn_eps: float = 1e-6
+  bn_momentum: float = 0.1  # torch convention: new = (1 - m) * old + m * batch
+  init_std: float = 0.01
+  eval_batch_size: int = 16384
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.optimizer not in ("lars", "sgd"):
+      raise ValueError(f"probe optimizer {self.optimizer!r}; expected 'lars' or 'sgd'")
+    if min(self.epochs, self.batch_size, self.eval_batch_size) < 1:
+      raise ValueError(f"probe epochs / batch sizes must be positive: {self}")
+
+  @property
+  def lr(self) -> float:
+    return self.base_lr * self.batch_size / 256
+
+  @classmethod
+  def from_dict(cls, fields: Mapping) -> "ProbeConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"unknown probe fields {unknown}; known: {sorted(known)}")
+    return cls(**dict(fields))
+
+
+class FeatureNorm(nn.Module):
+  """torch's BatchNorm1d(affine=False): batch statistics in training (running variance unbiased)."""
+  eps: float = 1e-6
+  momentum: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(x.shape[-1], jnp.float32))
+    var = self.variable("batch_stats", "var", lambda: jnp.ones(x.shape[-1], jnp.float32))
+    if train:
+      batch_mean = jnp.mean(x, axis=0)
+      batch_var = jnp.mean(jnp.square(x - batch_mean), axis=0)
+      if not self.is_initializing():
+        n = x.shape[0]
+        mean.value = (1 - self.momentum) * mean.value + self.momentum * batch_mean
+        var.value = (1 - self.momentum) * var.value + self.momentum * batch_var * n / max(n - 1, 1)
+      return (x - batch_mean) * jax.lax.rsqrt(batch_var + self.eps)
+    return (x - mean.value) * jax.lax.rsqrt(var.value + self.eps)
+
+
+class LinearHead(nn.Module):
+  num_classes: int
+  bn_eps: float = 1e-6
+  bn_momentum: float = 0.1
+  init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = FeatureNorm(self.bn_eps, self.bn_momentum, name="norm")(x.astype(jnp.float32), train)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.init_std),
+                    precision=jax.lax.Precision.HIGHEST, name="head")(x)
+
+
+def lr_schedule(config: ProbeConfig, steps_per_epoch: int):
+  """MAE's `adjust_learning_rate`, per step from the fractional epoch."""
+  def schedule(step):
+    epoch = step / steps_per_epoch
+    warm = config.lr * epoch / config.warmup_epochs if config.warmup_epochs > 0 else config.lr
+    span = max(config.epochs - config.warmup_epochs, 1e-9)
+    cosine = config.min_lr + (config.lr - config.min_lr) * 0.5 * (
+        1.0 + jnp.cos(jnp.pi * (epoch - config.warmup_epochs) / span))
+    return jnp.where(epoch < config.warmup_epochs, warm, cosine)
+  return schedule
+
+
+def make_optimizer(config: ProbeConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  schedule = lr_schedule(config, steps_per_epoch)
+  matrices = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731  (MAE: p.ndim > 1)
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay, matrices),
+                       optax.sgd(schedule, momentum=config.momentum))
+  return optax.lars(schedule, weight_decay=config.weight_decay, weight_decay_mask=matrices,
+                    trust_coefficient=config.trust_coefficient, eps=0.0, trust_ratio_mask=matrices,
+                    momentum=config.momentum)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
+  """{'top1': %, 'top5': %}; k is capped at the number of classes."""
+  order = np.argsort(-logits, axis=-1)
+  out = {}
+  for k in ks:
+    hit = (order[:, :min(k, logits.shape[-1])] == labels[:, None]).any(axis=-1)
+    out[f"top{k}"] = 100.0 * float(hit.mean()) if len(labels) else float("nan")
+  return out
+
+
+class _Compiled:
+  """Jitted init / train step / predict for one (config, classes, mesh); reused across layers of equal dim."""
+
+  def __init__(self, config: ProbeConfig, num_classes: int, steps_per_epoch: int, mesh):
+    self.model = LinearHead(num_classes, config.bn_eps, config.bn_momentum, config.init_std)
+    self.optimizer = make_optimizer(config, steps_per_epoch)
+    self.mesh = mesh
+    replicated = parallel.replicated(mesh)
+    rows, matrix = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
+    self.init = jax.jit(self._init, static_argnums=1, out_shardings=replicated)
+    self.step = jax.jit(self._step, in_shardings=(replicated, matrix, rows), out_shardings=(replicated, replicated),
+                        donate_argnums=0)
+    self.predict = jax.jit(self._predict, in_shardings=(replicated, matrix), out_shardings=matrix)
+
+  def _init(self, key, dim: int):
+    variables = self.model.init(key, jnp.zeros((2, dim), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"],
+            "opt_state": self.optimizer.init(variables["params"])}
+
+  def _step(self, state, x, y):
+    def loss_fn(params):
+      logits, updates = self.model.apply({"params": params, "batch_stats": state["batch_stats"]}, x, train=True,
+                                         mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, updates["batch_stats"]
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, loss
+
+  def _predict(self, state, x):
+    return self.model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x, train=False)
+
+
+def _padded_rows(x: np.ndarray, size: int) -> np.ndarray:
+  return x if len(x) == size else np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
+
+
+def _batch_multiple(mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
+
+
+def predict_logits(compiled: _Compiled, state, features: np.ndarray, batch_size: int) -> np.ndarray:
+  """Logits of every row, in padded batches of `batch_size` (a multiple of the batch shards)."""
+  out = []
+  for start in range(0, len(features), batch_size):
+    chunk = features[start:start + batch_size]
+    x = jax.device_put(_padded_rows(np.asarray(chunk, np.float32), batch_size), parallel.batch_sharding(compiled.mesh, 2))
+    out.append(np.asarray(jax.device_get(compiled.predict(state, x)))[:len(chunk)])
+  return np.concatenate(out)
+
+
+def _round_down(value: int, multiple: int) -> int:
+  return max(multiple, value // multiple * multiple)
+
+
+def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_features: np.ndarray,
+                eval_labels: np.ndarray, config: ProbeConfig = ProbeConfig(), *, num_classes: Optional[int] = None,
+                mesh=None, log_every_epochs: int = 10, _cache: Optional[dict] = None) -> dict:
+  """Trains one probe and reports top-1 / top-5 (percent) on the eval set.
+
+  Features are (N, D) float arrays on the host; every step gathers one shuffled batch and shards it over
+  the mesh's batch axes (single-process: the whole arrays live on this host). The last partial batch of an
+  epoch is dropped, as MAE's loader does. A batch larger than the training set is cut to it (and to a
+  multiple of the batch shards), which also lowers the scaled lr; the result records the batch used.
+
+  Returns:
+    dict(top1, top5, train_top1, final_loss, lr, batch_size, steps, epochs).
+  """
+  if mesh is None:
+    mesh = parallel.make_mesh(_single_axis_mesh_config(), jax.devices())
+  if jax.process_count() > 1:
+    raise NotImplementedError("the probe runs in one process (features fit one host's memory); "
+                              "run it on a single host")
+  train_features = np.asarray(train_features, np.float32)
+  eval_features = np.asarray(eval_features, np.float32)
+  train_labels, eval_labels = np.asarray(train_labels, np.int32), np.asarray(eval_labels, np.int32)
+  if train_features.ndim != 2 or len(train_features) != len(train_labels):
+    raise ValueError(f"train features {train_features.shape} / labels {train_labels.shape} do not match")
+  num_classes = int(num_classes or max(train_labels.max(), eval_labels.max(initial=0)) + 1)
+  multiple = _batch_multiple(mesh)
+  batch = _round_down(min(config.batch_size, len(train_features)), multiple)
+  if batch != config.batch_size:
+    logging.warning("probe: batch %d -> %d (%d training examples, %d batch shards)", config.batch_size, batch,
+                    len(train_features), multiple)
+    config = dataclasses.replace(config, batch_size=batch)
+  eval_batch = -(-min(config.eval_batch_size, max(len(eval_features), 1)) // multiple) * multiple
+  steps_per_epoch = len(train_features) // batch
+  key = (config, num_classes, steps_per_epoch, id(mesh))
+  cache = _cache if _cache is not None else {}
+  if key not in cache:
+    cache[key] = _Compiled(config, num_classes, steps_per_epoch, mesh)
+  compiled = cache[key]
+  state = compiled.init(jax.random.key(config.seed), train_features.shape[1])
+  rng = np.random.default_rng(config.seed)
+  rows, matrix = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
+  loss = jnp.nan
+  for epoch in range(config.epochs):
+    order = rng.permutation(len(train_features))
+    for i in range(steps_per_epoch):
+      index = np.sort(order[i * batch:(i + 1) * batch])  # sorted: faster gathers from large (mmap) arrays
+      x = jax.device_put(train_features[index], matrix)
+      y = jax.device_put(train_labels[index], rows)
+      state, loss = compiled.step(state, x, y)
+    if log_every_epochs and (epoch + 1) % log_every_epochs == 0:
+      logging.info("probe: epoch %d/%d loss %.4f", epoch + 1, config.epochs, float(loss))
+  result = topk_accuracy(predict_logits(compiled, state, eval_features, eval_batch), eval_labels)
+  train_eval = train_features[:eval_batch * 4]  # a bounded sample: enough to see over/under-fitting
+  result["train_top1"] = topk_accuracy(predict_logits(compiled, state, train_eval, eval_batch),
+                                       train_labels[:len(train_eval)])["top1"]
+  result.update(final_loss=float(loss), lr=config.lr, batch_size=batch, steps=steps_per_epoch * config.epochs,
+                epochs=config.epochs)
+  return result
+
+
+def layer_sweep(train_features: Mapping[int, np.ndarray], train_labels: np.ndarray,
+                eval_features: Mapping[int, np.ndarray], eval_labels: np.ndarray,
+                config: ProbeConfig = ProbeConfig(), *, mesh=None, num_classes: Optional[int] = None) -> dict:
+  """One probe per layer -> {layer: result of `train_probe`}, plus 'best': (layer, top1)."""
+  missing = sorted(set(train_features) ^ set(eval_features))
+  if missing:
+    raise ValueError(f"layers {missing} are in only one of the train / eval feature sets")
+  cache: dict = {}
+  results = {}
+  for layer in sorted(train_features):
+    results[layer] = train_probe(train_features[layer], train_labels, eval_features[layer], eval_labels, config,
+                                 mesh=mesh, num_classes=num_classes, _cache=cache)
+    logging.info("probe: layer %d top1 %.2f top5 %.2f", layer, results[layer]["top1"], results[layer]["top5"])
+  best = max(results, key=lambda layer: results[layer]["top1"])
+  return {"layers": results, "best_layer": best, "best_top1": results[best]["top1"],
+          "best_top5": results[best]["top5"]}
+
+
+def _single_axis_mesh_config():
+  import ml_collections
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))

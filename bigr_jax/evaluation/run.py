@@ -1,0 +1,253 @@
+"""Entry points for `--mode=features` and `--mode=evaluate`: config -> files in the workdir.
+
+All settings live in `config.evaluation` (an ml_collections ConfigDict); missing fields take the defaults of
+`default_evaluation_config()`:
+
+  layers              blocks to pool (0-based; negative from the end; empty: the middle block n_layer // 2)
+  condition           "null" (the null class, default) or "label" (the data's labels) as the class input
+  batch_size          global batch of feature extraction and of the Inception (rounded up to the shards)
+  splits              code splits to extract, (train split, eval split) for the probe
+  features_dir        where features go (empty: <workdir>/features/<split>)
+  batches_per_chunk   batches per chunk file (a crash loses at most one chunk)
+  params              an orbax params checkpoint (`python -m bigr_jax.convert from-torch`); empty: the
+                      latest training checkpoint in the workdir
+  use_ema             take the EMA params of a training checkpoint
+  probe               linear-probe recipe, the fields of `linear_probe.ProbeConfig` (MAE defaults)
+  sample_batch        ADM-layout .npz of samples (empty: <workdir>/samples.npz)
+  reference_batch     ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
+  reference_stats     "recompute" (default: statistics of arr_0 through this Inception, so both sides use
+                      the same network) or "file" (the batch's precomputed mu / sigma / mu_s / sigma_s,
+                      computed by ADM with the TF graph)
+  inception_weights   path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID weights)
+  num_samples         evaluate the first N samples (0: all)
+  pr_k                nearest neighbours of the precision / recall manifolds (ADM: 3)
+  distance_dtype      "float32" or "float16" (ADM's choice, with a float32 fallback) for P / R distances
+
+The data of `--mode=features` is `config.data` with `split` replaced by each of `evaluation.splits`: a
+code source ("codes", "original_codes") or "synthetic" (the runlocal stand-in). The mesh is `config.mesh`.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from bigr_jax import parallel
+from bigr_jax.evaluation import features as features_lib
+from bigr_jax.evaluation import inception
+from bigr_jax.evaluation import linear_probe
+from bigr_jax.evaluation import metrics as metrics_lib
+from bigr_jax.models.config import GeneratorConfig
+
+
+def default_evaluation_config() -> ml_collections.ConfigDict:
+  """Every field the entry points read (see the module docstring)."""
+  return ml_collections.ConfigDict({
+      "layers": (),
+      "condition": "null",
+      "batch_size": 256,
+      "splits": ("train", "validation"),
+      "features_dir": "",
+      "batches_per_chunk": 50,
+      "params": "",
+      "use_ema": True,
+      "probe": ml_collections.ConfigDict({
+          f.name: f.default for f in linear_probe.dataclasses.fields(linear_probe.ProbeConfig)}),
+      "sample_batch": "",
+      "reference_batch": "",
+      "reference_stats": "recompute",
+      "inception_weights": "",
+      "num_samples": 0,
+      "pr_k": metrics_lib.PR_K,
+      "distance_dtype": "float32",
+  })
+
+
+def evaluation_config(config) -> ml_collections.ConfigDict:
+  """`config.evaluation` over the defaults; unknown fields are an error (a typo would be silently ignored)."""
+  out = default_evaluation_config()
+  given = config.get("evaluation", None) if config is not None else None
+  if given:
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+      raise ValueError(f"unknown config.evaluation fields {unknown}; known: {sorted(out)}")
+    probe = given.pop("probe", None) or {}
+    out.update(given)
+    bad = sorted(set(probe) - set(out.probe))
+    if bad:
+      raise ValueError(f"unknown config.evaluation.probe fields {bad}; known: {sorted(out.probe)}")
+    out.probe.update(probe)
+  if out.condition not in features_lib.CONDITIONS:
+    raise ValueError(f"evaluation.condition={out.condition!r}; expected one of {features_lib.CONDITIONS}")
+  if out.reference_stats not in ("recompute", "file"):
+    raise ValueError(f"evaluation.reference_stats={out.reference_stats!r}; expected 'recompute' or 'file'")
+  if out.distance_dtype not in ("float32", "float16"):
+    raise ValueError(f"evaluation.distance_dtype={out.distance_dtype!r}; expected 'float32' or 'float16'")
+  return out
+
+
+def _mesh(config, mesh):
+  if mesh is not None:
+    return mesh
+  mesh_config = config.get("mesh", None) if config is not None else None
+  return parallel.make_mesh(mesh_config or ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+
+
+def load_generator_params(config, workdir: str, model_config: GeneratorConfig):
+  """evaluation.params (a converted params checkpoint) or the workdir's latest training checkpoint."""
+  import flax.linen as nn
+  from bigr_jax.convert import params_io
+  from bigr_jax.models import bigr
+  ev = evaluation_config(config)
+  if ev.params:
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      bigr.param_shapes(model_config))
+    return params_io.load_params(ev.params, nn.meta.unbox(abstract))
+  try:
+    return params_io.train_state_params(workdir, use_ema=ev.use_ema)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}: train in this workdir first, or set evaluation.params to a converted "
+                            "params checkpoint") from e
+
+
+def _code_source(config, split: str):
+  data_config = config.data.copy_and_resolve_references()
+  data_config.split = split
+  if data_config.name == "synthetic":
+    from bigr_jax.train.data_feed import SyntheticCodes
+    model = config.model
+    # Train and eval splits differ by seed, so the probe sees held-out codes of the same classes.
+    return SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, size=512,
+                          seed=config.get("seed", 0) * 2 + int(split != "train"))
+  from bigr_jax import data
+  if data_config.name not in data.builder.CODE_SOURCES:
+    raise ValueError(f"feature extraction reads bit codes: data.name={data_config.name!r} is an image source. "
+                     "Extract codes first (--mode=encode with a tokenizer config), then set data.name='codes'.")
+  return data.build_source(data_config)
+
+
+def features_dir(config, workdir: str, split: str) -> str:
+  ev = evaluation_config(config)
+  return os.path.join(ev.features_dir or os.path.join(workdir, "features"), split)
+
+
+def extract_features(config, workdir: str, *, params=None, splits=None, mesh=None) -> dict[str, str]:
+  """Pooled features of `evaluation.layers` for each split of codes -> {split: directory}.
+
+  Resumable: a run that stopped goes on from its last complete chunk. Reads `config.model`, `config.data`,
+  `config.mesh` and `config.evaluation` (layers, condition, batch_size, splits, features_dir,
+  batches_per_chunk, params, use_ema). `params` (unboxed) skips loading them from files.
+  """
+  ev = evaluation_config(config)
+  model_config = GeneratorConfig(**config.model.to_dict())
+  mesh = _mesh(config, mesh)
+  if params is None:
+    params = load_generator_params(config, workdir, model_config)
+  extractor = features_lib.FeatureExtractor(model_config, params, tuple(ev.layers), mesh=mesh,
+                                            condition=ev.condition,
+                                            rules=parallel.rules_from_config(config))
+  shards = extractor.batch_shards * jax.process_count()
+  batch_size = -(-ev.batch_size // shards) * shards
+  out = {}
+  for split in splits or ev.splits:
+    source = _code_source(config, split)
+    directory = features_dir(config, workdir, split)
+    logging.info("features: split %s, %d examples, layers %s, condition %s -> %s", split, len(source),
+                 extractor.layers, ev.condition, directory)
+    features_lib.write_features(
+        extractor, lambda start, s=source: features_lib.batches_from_source(s, batch_size, start_batch=start),
+        directory, batches_per_chunk=ev.batches_per_chunk, num_examples=len(source))
+    out[split] = directory
+  return out
+
+
+def probe_features(config, workdir: str, *, mesh=None) -> dict:
+  """Linear probe of every extracted layer (train on splits[0], evaluate on splits[1]).
+
+  Writes `<workdir>/linear_probe.json` and returns {"layers": {layer: {top1, top5, ...}}, "best_layer", ...}.
+  """
+  ev = evaluation_config(config)
+  if len(ev.splits) < 2:
+    raise ValueError(f"evaluation.splits={tuple(ev.splits)} needs a train and an eval split for the probe")
+  train_feats, train_labels = features_lib.load_features(features_dir(config, workdir, ev.splits[0]))
+  eval_feats, eval_labels = features_lib.load_features(features_dir(config, workdir, ev.splits[1]))
+  probe_config = linear_probe.ProbeConfig.from_dict(ev.probe.to_dict())
+  num_classes = config.model.get("num_classes", None) if config.get("model", None) else None
+  result = linear_probe.layer_sweep(train_feats, train_labels, eval_feats, eval_labels, probe_config,
+                                    mesh=_mesh(config, mesh), num_classes=num_classes)
+  _write_json(os.path.join(workdir, "linear_probe.json"),
+              {**result, "layers": {str(k): v for k, v in result["layers"].items()},
+               "probe": probe_config.__dict__, "condition": ev.condition})
+  return result
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def reference_activations(runner: metrics_lib.InceptionRunner, reference_batch: str, cache_dir: str,
+                          weights_tag: str) -> metrics_lib.Activations:
+  """Pool and spatial activations of a reference batch, cached in `cache_dir` (keyed by file and weights)."""
+  stat = os.stat(reference_batch)
+  tag = f"{os.path.abspath(reference_batch)}|{stat.st_size}|{int(stat.st_mtime)}|{weights_tag}"
+  cache = os.path.join(cache_dir, os.path.basename(reference_batch).replace(".npz", "") + ".activations.npz")
+  if os.path.isfile(cache):
+    with np.load(cache) as data:
+      if str(data["tag"]) == tag:
+        logging.info("evaluate: reference activations from %s", cache)
+        return metrics_lib.Activations(data["pool"], data["spatial"], None)
+  acts = runner.npz_activations(reference_batch, probs=False)
+  if jax.process_index() == 0:
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.tmp.npz"
+    np.savez(tmp, pool=acts.pool, spatial=acts.spatial, tag=np.asarray(tag))
+    os.replace(tmp, cache)
+  return acts
+
+
+def evaluate_samples(config, workdir: str, *, sample_batch: Optional[str] = None, inception_params=None,
+                     mesh=None) -> dict:
+  """FID, sFID, IS, precision and recall of an ADM-layout sample batch against the reference batch.
+
+  Reads `config.evaluation` (sample_batch, reference_batch, reference_stats, inception_weights, num_samples,
+  batch_size, pr_k, distance_dtype) and `config.mesh`. Writes `<workdir>/evaluation.json` and returns the
+  metrics dict (fid, sfid, inception_score, precision, recall, num_samples, num_reference).
+  `inception_params` (Flax) skips reading the weights file.
+  """
+  ev = evaluation_config(config)
+  sample_batch = sample_batch or ev.sample_batch or os.path.join(workdir, "samples.npz")
+  if not os.path.isfile(sample_batch):
+    raise FileNotFoundError(f"no sample batch at {sample_batch!r}: sample first (--mode=sample) or set "
+                            "evaluation.sample_batch")
+  if not ev.reference_batch or not os.path.isfile(ev.reference_batch):
+    raise FileNotFoundError(f"evaluation.reference_batch={ev.reference_batch!r} does not exist (ADM's "
+                            "VIRTUAL_imagenet256_labeled.npz for ImageNet 256)")
+  weights_tag = "given"
+  if inception_params is None:
+    inception_params = inception.load_params(ev.inception_weights)
+    weights_tag = os.path.abspath(ev.inception_weights)
+  runner = metrics_lib.InceptionRunner(inception_params, _mesh(config, mesh), ev.batch_size)
+  reference = reference_activations(runner, ev.reference_batch, os.path.join(workdir, "evaluation_cache"),
+                                    weights_tag)
+  reference_stats = None
+  if ev.reference_stats == "file":
+    reference_stats = metrics_lib.read_reference_statistics(ev.reference_batch)
+    if reference_stats is None:
+      raise ValueError(f"{ev.reference_batch} holds no mu / sigma; use evaluation.reference_stats='recompute'")
+  samples = runner.npz_activations(sample_batch, limit=ev.num_samples or None)
+  result = metrics_lib.compute_metrics(reference, samples, reference_stats=reference_stats, k=ev.pr_k,
+                                       distance_dtype=ev.distance_dtype)
+  result.update(sample_batch=sample_batch, reference_batch=ev.reference_batch, reference_stats=ev.reference_stats)
+  logging.info("evaluate: %s", json.dumps(result))
+  _write_json(os.path.join(workdir, "evaluation.json"), result)
+  return result

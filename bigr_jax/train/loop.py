@@ -1,0 +1,94 @@
+"""The training loop shared by the generator and tokenizer trainers: resume, steps, metrics, checkpoints."""
+
+import logging
+import pathlib
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from bigr_jax import parallel
+from bigr_jax.train import checkpoints, metrics as metrics_lib
+
+
+class Feed(NamedTuple):
+  iterator: Any  # yields dicts of host-local numpy batches
+  checkpointable: Optional[Any]  # a grain iterator whose state goes into checkpoints, if any
+  num_examples: Optional[int]
+
+
+def total_steps(config, num_examples: Optional[int]) -> int:
+  """Training length from `total_steps`, or from `num_epochs` and the dataset size."""
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  if config.get("num_epochs") and num_examples:
+    return int(np.ceil(config.num_epochs * num_examples / config.batch_size))
+  raise ValueError("set config.total_steps, or config.num_epochs with a dataset of known size")
+
+
+def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any], abstract_state: Any,
+        train_step: Callable, flops_per_image: float = 0.0,
+        on_log: Optional[Callable[[int, Any], None]] = None):
+  """Resumes from `workdir` (or calls `init`), trains to `steps`, logs and checkpoints. Returns the state.
+
+  `train_step(state, global_batch, key) -> (state, metrics)` must report a scalar "loss". Metrics are
+  fetched one step late so the host never waits on the device; a non-finite loss stops the run before a
+  checkpoint of that state is written. SIGTERM (preemption) checkpoints and returns.
+  """
+  workdir = pathlib.Path(workdir)
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                                  with_data=feed.checkpointable is not None)
+  checkpoints.save_config(config, workdir)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(abstract_state, feed.checkpointable)
+    logging.info("resumed from step %d in %s", ckpt.latest_step(), ckpt.directory)
+  else:
+    state = init()
+  start = int(jax.device_get(state.step))
+
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+  progress = metrics_lib.Progress(steps, config.batch_size, flops_per_image, config.get("peak_flops_per_device", 0.0))
+  preempted = checkpoints.PreemptionFlag()
+  train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  pending, history = None, []
+
+  def fetch(step, step_metrics):
+    values = jax.device_get(step_metrics)
+    if not np.isfinite(values["loss"]):
+      raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint is "
+                               f"step {ckpt.latest_step()} in {ckpt.directory}. Lower the lr or check the data.")
+    history.append(values)
+
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start, steps):
+        batch = parallel.to_global(next(feed.iterator), mesh)
+        state, step_metrics = train_step(state, batch, train_key)
+        if pending is not None:
+          fetch(*pending)
+        done = step + 1
+        pending = (done, step_metrics)
+        if done % config.log_every == 0 or done == steps:
+          fetch(*pending)
+          pending = None
+          scalars = {**metrics_lib.mean_metrics(history), **progress.measure(done)}
+          history = []
+          writer.write(done, scalars)
+          if jax.process_index() == 0:
+            print(metrics_lib.format_line(done, steps, scalars), flush=True)
+          if on_log is not None:
+            on_log(done, state)
+        stop = preempted.is_set() or ckpt.manager.reached_preemption(done)
+        if done % config.checkpoint_every == 0 or done == steps or stop:
+          if pending is not None:  # never checkpoint a state whose loss was not finite
+            fetch(*pending)
+            pending = None
+          ckpt.save(done, state, feed.checkpointable, force=stop)
+        if stop:
+          logging.warning("preempted: saved step %d, exiting", done)
+          break
+  finally:
+    ckpt.close()
+    writer.close()
+    preempted.restore_handler()
+  return state

@@ -1,0 +1,267 @@
+"""Training of the binary tokenizer (B-AE), loading its weights, and encoding a dataset into bit codes.
+
+Loss, as Binary Latent Diffusion trains the B-AE: L1 + w_p LPIPS + lambda (-mean D(x_rec)) [+ code / entropy
+terms], lambda = |grad L_nll| / (|grad L_g| + 1e-4) at the last decoder conv, clamped to [0, disc_weight_max]
+and 0 before `disc_start_step`; a PatchGAN trained with the hinge loss from that step on; EMA every
+`ema_every` steps.
+"""
+
+import logging
+import pathlib
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bigr_jax import images as images_lib, parallel
+from bigr_jax.models import tokenizer as tokenizer_lib
+from bigr_jax.models.discriminator import Discriminator, hinge_d_loss
+from bigr_jax.models.lpips import LPIPS
+from bigr_jax.train import loop, state as state_lib
+
+
+@flax.struct.dataclass
+class TokenizerState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  disc_params: Any
+  disc_stats: Any
+  disc_opt_state: Any
+
+
+def tokenizer_config(config) -> tokenizer_lib.TokenizerConfig:
+  fields = config.model.to_dict()
+  for key in ("ch_mult", "attn_resolutions"):
+    fields[key] = tuple(fields[key])
+  return tokenizer_lib.TokenizerConfig(**fields)
+
+
+def _last_decoder_kernel(params):
+  """Path of the decoder's output conv kernel (the adaptive GAN weight is measured there)."""
+  names = [k for k in params["generator"] if k.startswith("blocks_")]
+  return ("generator", max(names, key=lambda k: int(k.split("_")[1])), "kernel")
+
+
+def _get(tree, path):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+class TokenizerTrainer:
+  """Compiled init and train step of the B-AE + discriminator on one mesh."""
+
+  def __init__(self, config, mesh, total_steps: int, lpips_params=None):
+    self.config = config
+    self.model_config = tokenizer_config(config)
+    self.model = tokenizer_lib.BinaryAutoEncoder(self.model_config)
+    self.disc = Discriminator(self.model_config.n_channels, config.disc.ndf, config.disc.n_layers)
+    self.lpips = LPIPS()
+    self.lpips_params = lpips_params
+    if config.loss.perceptual_weight > 0 and lpips_params is None:
+      raise ValueError("LPIPS needs weights: set lpips.vgg_path and lpips.lin_path (or loss.perceptual_weight=0)")
+    optim = config.optim
+    self.optimizer = state_lib.make_optimizer(optim, total_steps, decay_mask=None)
+    if optim.get("decay_step"):
+      schedule = optax.piecewise_constant_schedule(optim.lr, {int(optim.decay_step): optim.decay_factor})
+      self.optimizer = optax.adam(schedule, optim.b1, optim.b2, optim.eps)
+    self.disc_optimizer = state_lib.make_optimizer(config.disc_optim, total_steps, decay_mask=None)
+    self.kernel_path = None
+    rules = parallel.rules_from_config(config)
+    self.init, self.shardings, self.abstract_state = state_lib.sharded_init(self._init_boxed, mesh, rules)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, None, None),
+                              out_shardings=(self.shardings, parallel.replicated(mesh)), donate_argnums=0)
+    self.reconstruct = jax.jit(lambda params, x: self.model.apply({"params": params}, x, deterministic=True)[0])
+
+  def _init_boxed(self, key):
+    ae_key, disc_key = jax.random.split(key)
+    images = tokenizer_lib.init_inputs(self.model_config, batch=2)[0]
+    params = self.model.init({"params": ae_key}, images, deterministic=True)["params"]
+    disc_vars = self.disc.init({"params": disc_key}, images, train=False)
+    plain, disc_plain = nn.meta.unbox(params), nn.meta.unbox(disc_vars["params"])
+    return TokenizerState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+        opt_state=state_lib.box_like_params(self.optimizer.init(plain), params),
+        disc_params=disc_vars["params"], disc_stats=disc_vars["batch_stats"],
+        disc_opt_state=state_lib.box_like_params(self.disc_optimizer.init(disc_plain), disc_vars["params"]))
+
+  def _train_step(self, state: TokenizerState, batch, key):
+    cfg, loss_cfg = self.config, self.config.loss
+    key = jax.random.fold_in(key, state.step)
+    images = batch["image"]
+    gan_on = state.step >= loss_cfg.disc_start_step
+    disc_vars = {"params": state.disc_params, "batch_stats": state.disc_stats}
+
+    def forward(params):
+      recon, aux = self.model.apply({"params": params}, images, rngs={"sample": key})
+      extra = loss_cfg.code_weight * aux["code_loss"] + loss_cfg.get("entropy_weight", 0.0) * aux["entropy_loss"]
+      return recon, extra
+
+    (recon, extra), pullback = jax.vjp(forward, state.params)
+
+    def nll_of(recon):
+      l1 = jnp.mean(jnp.abs(images - recon))
+      perceptual = jnp.zeros(())
+      if loss_cfg.perceptual_weight > 0:
+        perceptual = jnp.mean(self.lpips.apply({"params": self.lpips_params}, images, recon))
+      return l1 + loss_cfg.perceptual_weight * perceptual, (l1, perceptual)
+
+    def g_of(recon):
+      logits, _ = self.disc.apply(disc_vars, recon, train=True, mutable=["batch_stats"])
+      return -jnp.mean(logits)
+
+    (nll, (l1, perceptual)), d_nll = jax.value_and_grad(nll_of, has_aux=True)(recon)
+    g_loss, d_g = jax.value_and_grad(g_of)(recon)
+    grads_nll = pullback((d_nll, jnp.ones_like(extra)))[0]
+    grads_g = pullback((d_g, jnp.zeros_like(extra)))[0]
+    path = _last_decoder_kernel(state.params)
+    ratio = jnp.linalg.norm(_get(grads_nll, path)) / (jnp.linalg.norm(_get(grads_g, path)) + 1e-4)
+    adaptive = jnp.where(gan_on, jnp.clip(ratio, 0.0, loss_cfg.disc_weight_max), 0.0)
+    grads = jax.tree_util.tree_map(lambda a, b: a + adaptive * b, grads_nll, grads_g)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    ema = jax.lax.cond(step % cfg.ema_every == 0,
+                       lambda: state_lib.ema_update(state.ema_params, params, cfg.ema_decay),
+                       lambda: state.ema_params)
+
+    def d_loss_fn(disc_params):
+      both = jnp.concatenate([images, jax.lax.stop_gradient(recon)])
+      logits, updated = self.disc.apply({"params": disc_params, "batch_stats": state.disc_stats}, both,
+                                        train=True, mutable=["batch_stats"])
+      real, fake = jnp.split(logits, 2)
+      return hinge_d_loss(real, fake), updated["batch_stats"]
+
+    (d_loss, disc_stats), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.disc_params)
+    d_updates, disc_opt_state = self.disc_optimizer.update(d_grads, state.disc_opt_state, state.disc_params)
+    keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(gan_on, n, o), new, old)  # noqa
+    new_state = TokenizerState(
+        step=step, params=params, ema_params=ema, opt_state=opt_state,
+        disc_params=keep_old(optax.apply_updates(state.disc_params, d_updates), state.disc_params),
+        disc_stats=keep_old(disc_stats, state.disc_stats),
+        disc_opt_state=keep_old(disc_opt_state, state.disc_opt_state))
+    loss = nll + extra + adaptive * g_loss
+    metrics = {"loss": loss, "l1": l1, "perceptual": perceptual, "g_loss": g_loss, "d_loss": d_loss,
+               "adaptive_weight": adaptive, "psnr": _psnr(images, recon)}
+    return new_state, metrics
+
+
+def _psnr(images, recon):
+  mse = jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - images))
+  return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+
+
+def image_feed(config, shuffle: bool = True, split=None):
+  from bigr_jax import data
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  if split is not None:
+    data_config.split = split
+  source = data.build_source(data_config)
+  loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=shuffle,
+                            num_epochs=None, transforms=data.build_transforms(data_config),
+                            worker_count=config.data.get("worker_count", 0))
+  iterator = iter(loader)
+  images = ({"image": b["image"]} for b in iterator)
+  return loop.Feed(images, iterator, len(source))
+
+
+def _lpips_params(config):
+  if config.loss.perceptual_weight <= 0:
+    return None
+  paths = [p for p in (config.lpips.get("vgg_path", ""), config.lpips.get("lin_path", "")) if p]
+  if paths:
+    from bigr_jax.convert import tokenizer_weights
+    return tokenizer_weights.read_lpips_params(paths)
+  if config.lpips.get("random_init", False):  # tests only: a perceptual loss without meaning
+    logging.warning("LPIPS with random weights (lpips.random_init=True): for tests only")
+    shape = (1, 64, 64, 3)
+    return LPIPS().init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape))["params"]
+  return None
+
+
+def train_and_evaluate(config, workdir: str) -> TokenizerState:
+  """Trains (or resumes) a B-AE in `workdir`; writes reconstruction grids (EMA weights) at every log step."""
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.batch_size_per_process(config.batch_size, mesh)
+  feed = image_feed(config)
+  steps = loop.total_steps(config, feed.num_examples)
+  trainer = TokenizerTrainer(config, mesh, steps, _lpips_params(config))
+  held_out = next(image_feed(config, shuffle=False, split=config.data.get("eval_split", None)).iterator)["image"][:8]
+  workdir = pathlib.Path(workdir)
+
+  def init():
+    state = trainer.init(jax.random.key(config.seed))
+    if config.get("init_from"):
+      params = load_tokenizer_params(config.init_from, trainer.model_config)
+      state = state.replace(params=params, ema_params=params)
+    return state
+
+  def on_log(step, state):
+    if jax.process_index() == 0:
+      recon = np.asarray(trainer.reconstruct(state.ema_params, held_out))
+      images_lib.save_grid(np.concatenate([held_out, recon]), workdir / "reconstructions" / f"step_{step:07d}.png",
+                           nrow=len(held_out))
+
+  return loop.run(config, workdir, mesh=mesh, feed=feed, steps=steps, init=init,
+                  abstract_state=trainer.abstract_state, train_step=trainer.train_step, on_log=on_log)
+
+
+def load_tokenizer_params(path, model_config: tokenizer_lib.TokenizerConfig):
+  """B-AE params from a released .th/.pt (the `ae.*` keys), .npz/.safetensors, a params-only orbax
+  directory, or a tokenizer training workdir (its latest EMA params)."""
+  from bigr_jax.convert import io, params_io, tokenizer_weights
+  path = pathlib.Path(path)
+  if path.suffix.lower() in io.SUFFIXES:
+    return tokenizer_weights.torch_to_flax(io.read_state_dict(path), model_config)
+  if (path / "checkpoints").exists():
+    return params_io.train_state_params(path)
+  return params_io.load_params(path)
+
+
+def encode_dataset(config, workdir: str):
+  """`--mode=encode`: bit codes (and codes of the flipped images) of `config.data` into workdir/codes/<split>.
+
+  The tokenizer comes from `config.tokenizer.checkpoint` (see `load_tokenizer_params`), or, if that is
+  empty, from this workdir's own tokenizer training. Resumable: a rerun continues where it stopped.
+  """
+  from bigr_jax import data
+  model_config = tokenizer_config(config)
+  source_path = config.get("tokenizer", {}).get("checkpoint", "") or workdir
+  params = load_tokenizer_params(source_path, model_config)
+  mesh = parallel.make_mesh(config.mesh)
+  model = tokenizer_lib.BinaryAutoEncoder(model_config)
+  seed_key = jax.random.key(config.seed)
+  calls = [0]
+
+  @jax.jit
+  def encode(params, images, key):
+    _, bits = model.apply({"params": params}, images, deterministic=model_config.deterministic,
+                          rngs={"sample": key}, method=tokenizer_lib.BinaryAutoEncoder.encode)
+    return bits.reshape(bits.shape[0], -1, bits.shape[-1]).astype(jnp.uint8)  # row-major tokens
+
+  def encode_fn(images):
+    # The original trains on Bernoulli-sampled codes; each call gets its own key.
+    calls[0] += 1
+    batch = images.shape[0]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    padded = -(-batch // shards) * shards
+    images = np.concatenate([images, np.zeros((padded - batch,) + images.shape[1:], images.dtype)])
+    with jax.set_mesh(mesh):
+      bits = encode(params, jax.device_put(images, parallel.batch_sharding(mesh, 4)),
+                    jax.random.fold_in(seed_key, calls[0]))
+    return np.asarray(bits)[:batch]
+
+  source = data.build_source(config.data)
+  out = pathlib.Path(workdir) / "codes" / (config.data.get("split", "train") or "train")
+  writer = data.encode_to_codes(source, encode_fn, str(out), image_size=model_config.img_size,
+                                batch_size=config.get("encode_batch_size", config.batch_size),
+                                with_flipped=config.get("encode_flipped", True))
+  print(f"codes: {writer.count} records in {out}", flush=True)
+  return out
