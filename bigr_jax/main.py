@@ -27,6 +27,9 @@ def run(config, workdir: str, mode: str):
   if mode == "train" and family == "tokenizer":
     from bigr_jax.train import tokenizer
     return tokenizer.train_and_evaluate(config, workdir)
+  if mode == "encode" and family == "tokenizer":
+    from bigr_jax.train import tokenizer
+    return tokenizer.encode_dataset(config, workdir)
   if mode == "demo":
     from bigr_jax import demo
     return demo.run(config, workdir)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling.sampler import SampleOutput, SamplerConfig, check_labels, complete, generate
@@ -28,7 +29,6 @@ INTERPOLATION_WEIGHTS = tuple([0.0, 0.1, 0.2] + np.linspace(0.3, 0.7, 21).tolist
 
 def _center_crop(image, image_size: int):
   """ADM's center crop (box halvings, bicubic resize, crop), as the original applies it to the mask."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   while min(*image.size) >= 2 * image_size:
     image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
   scale = image_size / min(*image.size)
@@ -44,7 +44,6 @@ def mask_from_image(image, grid_size: int = 16, image_size: int = 256) -> np.nda
   As apps/inpaint.py: center-crop to `image_size`, nearest-resize to the token grid, take the first
   channel; any non-zero pixel counts as True.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   if isinstance(image, np.ndarray):
     image = Image.fromarray(image)
   elif not isinstance(image, Image.Image):

@@ -1,0 +1,84 @@
+"""`--mode=sample`: class-conditional images from a trained (or converted) generator, as PNG grids and .npz."""
+
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigr_jax import images as images_lib, parallel
+from bigr_jax.models.config import GeneratorConfig
+from bigr_jax.models import tokenizer as tokenizer_lib
+from bigr_jax.sampling import sampler
+
+
+def sampler_config(sample_config) -> sampler.SamplerConfig:
+  fields = {f: sample_config[f] for f in ("num_iter", "cfg_scale", "cfg_schedule", "gumbel_temp", "gumbel_schedule",
+                                          "infer_steps", "ordering", "token_sampling") if f in sample_config}
+  return sampler.SamplerConfig(**fields)
+
+
+def decode_bits(model_config: tokenizer_lib.TokenizerConfig, params, bits) -> np.ndarray:
+  """Generator bits (B, N, K), row-major tokens -> images (B, H, W, 3) in [0, 1] through the B-AE decoder."""
+  grid = int(round(bits.shape[1] ** 0.5))
+  latent = jnp.asarray(bits, jnp.float32).reshape(bits.shape[0], grid, grid, bits.shape[-1])
+  decode = jax.jit(lambda p, b: tokenizer_lib.BinaryAutoEncoder(model_config).apply(
+      {"params": p}, b, method=tokenizer_lib.BinaryAutoEncoder.decode))
+  return np.clip(np.asarray(decode(params, latent)), 0.0, 1.0)
+
+
+def generate_images(gen_config: GeneratorConfig, gen_params, tok_config, tok_params, labels, sample_config, seed,
+                    mesh=None, batch_size: int = 0):
+  """Images (B, H, W, 3) in [0, 1] and bits for `labels`, in batches of `batch_size` (0: all at once)."""
+  labels = np.asarray(labels, np.int32)
+  batch_size = batch_size or len(labels)
+  config = sampler_config(sample_config)
+  all_bits, all_images = [], []
+  for start in range(0, len(labels), batch_size):
+    chunk = labels[start:start + batch_size]
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    out = sampler.generate(gen_config, gen_params, chunk, key, config, mesh=mesh,
+                           batch_axes=parallel.BATCH_AXES if mesh is not None else ("data",))
+    bits = np.asarray(out.bits)
+    all_bits.append(bits)
+    all_images.append(decode_bits(tok_config, tok_params, bits))
+  return np.concatenate(all_images), np.concatenate(all_bits)
+
+
+def sample_to_workdir(config, workdir: str):
+  """Samples `config.sample.labels` with the generator's EMA weights (workdir checkpoints or
+  `config.init_from`) and the tokenizer `config.tokenizer.checkpoint` / `config.tokenizer.config`."""
+  from bigr_jax import config_lib
+  from bigr_jax.convert import params_io
+  from bigr_jax.train import tokenizer as tokenizer_train
+  workdir = pathlib.Path(workdir)
+  gen_config = GeneratorConfig(**config.model.to_dict())
+  if config.get("init_from"):
+    gen_params = params_io.load_params(config.init_from)
+  else:
+    gen_params = params_io.train_state_params(workdir, use_ema=config.sample.get("use_ema", True))
+  if not config.tokenizer.get("checkpoint") or not config.tokenizer.get("config"):
+    raise ValueError("sampling decodes with a B-AE: set --config.tokenizer.config=configs/bae_d24.py and "
+                     "--config.tokenizer.checkpoint=<binaryae .th file, params dir or tokenizer workdir>")
+  tok_config = tokenizer_train.tokenizer_config(config_lib.load_config_file(config.tokenizer.config))
+  if tok_config.codebook_size != gen_config.binary_size:
+    raise ValueError(f"the tokenizer has {tok_config.codebook_size} bits, the generator {gen_config.binary_size}")
+  tok_params = tokenizer_train.load_tokenizer_params(config.tokenizer.checkpoint, tok_config)
+  labels = np.asarray(config.sample.labels, np.int32)
+  if labels.min() < 0 or labels.max() > gen_config.num_classes:
+    raise ValueError(f"class labels must be in [0, {gen_config.num_classes}] ({gen_config.num_classes} = null)")
+  mesh = parallel.make_mesh(config.mesh)
+  start = time.perf_counter()
+  images, bits = generate_images(gen_config, gen_params, tok_config, tok_params, labels, config.sample,
+                                 config.sample.get("seed", 0), mesh, config.sample.get("batch_size", 0))
+  seconds = time.perf_counter() - start
+  out = workdir / "samples"
+  images_lib.save_grid(images, out / "samples.png", nrow=min(8, len(images)))
+  np.savez(out / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels, bits=bits.astype(np.uint8))
+  summary = {"num_images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds,
+             **{k: v for k, v in config.sample.to_dict().items() if k != "labels"}}
+  (out / "samples.json").write_text(json.dumps(summary, indent=2, default=str))
+  print(f"wrote {out / 'samples.png'} ({len(images)} images, {seconds:.1f} s)", flush=True)
+  return images

@@ -1,0 +1,49 @@
+"""The embedded default: BiGR end to end on scikit-learn's handwritten digits, sized for a 2-core CPU.
+
+Trains a tiny B-AE on the digits (32 px, 4x4 tokens of 16 bits), extracts the digits' codes, trains a tiny
+BiGR generator on them, samples every class and scores the samples with a classifier trained on real digits.
+Everything lands in the workdir: tokenizer/, generator/, samples.png, samples.npz, demo.json.
+Arguments: `quick` (a few steps of each stage, for tests).
+"""
+
+import ml_collections
+
+from bigr_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, quick=False)
+  c = ml_collections.ConfigDict()
+  c.mode = "demo"
+  c.seed = 0
+
+  tok = config_lib.base_tokenizer_config(bits=16, image_size=256, total_steps=1500, arg="runlocal")
+  tok.batch_size = 32
+  tok.log_every = 250
+  tok.checkpoint_every = 500
+  tok.optim.lr = 2e-3
+  tok.loss.disc_start_step = 10**9  # L1 only: a GAN needs far longer than a demo
+  tok.mesh.update(data=-1)
+  c.tokenizer = tok
+
+  gen = config_lib.base_generator_config()
+  config_lib.shrink_for_cpu(gen)
+  gen.model.update(binary_size=16, dim=128, n_layer=4, n_head=4, denoise_hidden_dim=128, num_block_mlp=2,
+                   block_size=16, seq_len=16, num_classes=10)
+  gen.batch_size = 64
+  gen.total_steps = 3000
+  gen.log_every = 250
+  gen.checkpoint_every = 1000
+  gen.optim.lr = 1e-3
+  gen.ema_decay = 0.999
+  gen.data.update(name="codes", split="train", flip=False, worker_count=0)
+  c.generator = gen
+
+  c.sample = ml_collections.ConfigDict(dict(
+      per_class=10, num_iter=8, cfg_scale=2.0, gumbel_temp=0.0, cfg_schedule="constant",
+      gumbel_schedule="constant", infer_steps=100))
+  if arg.quick:
+    tok.total_steps, tok.log_every, tok.checkpoint_every = 30, 15, 30
+    gen.total_steps, gen.log_every, gen.checkpoint_every = 30, 15, 30
+    c.sample.update(per_class=2, num_iter=4, infer_steps=20)
+  return c
