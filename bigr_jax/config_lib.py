@@ -60,6 +60,8 @@ def base_generator_config() -> ml_collections.ConfigDict:
   c.sample = ml_collections.ConfigDict(dict(
       labels=(207, 360, 387, 974, 88, 979, 417, 279), num_iter=20, cfg_scale=2.5, cfg_schedule="constant",
       gumbel_temp=0.17, gumbel_schedule="constant", batch_size=8, seed=0, use_ema=True))
+  c.edit = ml_collections.ConfigDict(dict(
+      task="inpaint", image="", mask="", target_class=0, class_a=0, class_b=1, batch=4, seed=0))
   return c
 
 

@@ -36,6 +36,9 @@ def run(config, workdir: str, mode: str):
   if mode == "sample":
     from bigr_jax.sampling import run_sample
     return run_sample.sample_to_workdir(config, workdir)
+  if mode == "edit":
+    from bigr_jax.sampling import run_sample
+    return run_sample.edit_to_workdir(config, workdir)
   raise ValueError(f"mode {mode!r} is not available for a {family} config")
 
 

@@ -403,32 +403,39 @@ def test_adm_npz_layout_round_trip(tmp_path):
   np.testing.assert_array_equal(metrics.images_to_uint8(np.array([0.0, 0.5, 1.0, 1.2])), [0, 128, 255, 255])
 
 
-def test_evaluate_samples_end_to_end(tmp_path, flax_inception):
-  """Reference and sample batches on disk -> metrics through the sharded Inception (8 devices)."""
+def test_evaluate_samples_end_to_end(tmp_path, flax_inception, parity_images):
+  """Reference and sample batches on disk -> metrics, through the Inception sharded over 2 devices."""
   rng = np.random.default_rng(0)
-  reference = rng.integers(0, 256, (8, 80, 80, 3), dtype=np.uint8)
-  samples = np.concatenate([reference[:4], rng.integers(0, 256, (4, 80, 80, 3), dtype=np.uint8)])
+  # The parity images' shape, so the unsharded comparison below reuses the compiled network.
+  reference = rng.integers(0, 256, (6,) + parity_images.shape[1:], dtype=np.uint8)
+  samples = np.concatenate([reference[:3], rng.integers(0, 256, (3,) + parity_images.shape[1:], dtype=np.uint8)])
   np.savez(tmp_path / "ref.npz", arr_0=reference)
-  metrics.write_sample_batch(str(tmp_path / "samples.npz"), samples, np.arange(8))
-  config = ml_collections.ConfigDict({"evaluation": {"reference_batch": str(tmp_path / "ref.npz"), "batch_size": 8},
-                                      "mesh": {"data": 2, "fsdp": 2, "tensor": 2}})
-  result = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0])
+  metrics.write_sample_batch(str(tmp_path / "samples.npz"), samples, np.arange(6))
+  config = ml_collections.ConfigDict({"evaluation": {"reference_batch": str(tmp_path / "ref.npz"), "batch_size": 2},
+                                      "mesh": {"data": 2, "fsdp": 1, "tensor": 1}})
+  mesh = _mesh(2, 1, 1, jax.devices()[:2])
+  result = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
   assert set(result) >= {"fid", "sfid", "inception_score", "precision", "recall"}
   assert json.loads((tmp_path / "evaluation.json").read_text())["fid"] == pytest.approx(result["fid"])
-  # Against the same metrics computed from unsharded activations.
+  # The same metrics from unsharded activations.
   params, apply = flax_inception
   acts = {}
   for name, images in (("ref", reference), ("samples", samples)):
-    out = apply(params, jnp.asarray(images, jnp.float32) / 255.0)
-    acts[name] = metrics.Activations(np.asarray(out["pool"]), np.asarray(out["spatial"]).reshape(8, -1),
-                                     np.asarray(jax.nn.softmax(out["logits_unbiased"])))
+    outs = [apply(params, jnp.asarray(images[i:i + 2], jnp.float32) / 255.0) for i in range(0, 6, 2)]
+    acts[name] = metrics.Activations(
+        np.concatenate([o["pool"] for o in outs]), np.concatenate([o["spatial"] for o in outs]).reshape(6, -1),
+        np.concatenate([jax.nn.softmax(o["logits_unbiased"]) for o in outs]))
   want = metrics.compute_metrics(acts["ref"], acts["samples"])
   for key in ("fid", "sfid", "inception_score", "precision", "recall"):
     assert result[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-  # A second run reads the cached reference activations.
-  assert list((tmp_path / "evaluation_cache").glob("*.activations.npz"))
-  again = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0])
-  assert again["fid"] == pytest.approx(result["fid"], rel=1e-6)
+  # A second evaluation takes the reference activations from the cache (the runner is not called).
+  class NoRunner:
+    def npz_activations(self, *args, **kwargs):
+      raise AssertionError("reference activations were recomputed")
+
+  cached = run_lib.reference_activations(NoRunner(), str(tmp_path / "ref.npz"), str(tmp_path / "evaluation_cache"),
+                                         "given")
+  np.testing.assert_allclose(cached.pool, acts["ref"].pool, rtol=1e-4, atol=1e-5)
 
 
 # --- features -----------------------------------------------------------------------------------------------
@@ -509,8 +516,8 @@ def test_sharded_features_equal_single_device(sharded_extractor, tiny_params):
   hidden = bigr.BiGR(TINY).apply({"params": tiny_params}, jnp.asarray(batch["bits"], jnp.float32),
                                  jnp.full((16,), TINY.null_class), [0, 2], method=bigr.BiGR.features)
   np.testing.assert_allclose(want[:, 1], np.asarray(hidden[2]).mean(axis=1), rtol=1e-5, atol=1e-5)
-  labelled = features_lib.FeatureExtractor(TINY, tiny_params, [0], mesh=single.mesh, condition="label")
-  assert not np.allclose(labelled.host_batch(batch["bits"], batch["label"], batch["valid"])[0][:, 0], want[:, 0])
+  # The class input matters: real labels give other features than the null class.
+  assert not np.allclose(np.asarray(single(batch["bits"].astype(np.float32), batch["label"]))[:, 0], want[:, 0])
 
 
 def test_evaluation_config_checks():

@@ -64,6 +64,14 @@ class FIDStatistics:
     return frechet_distance(self, other, eps)
 
 
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+  """scipy's sqrtm without its accuracy warnings (ADM passes disp=False, which newer SciPy deprecates)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", linalg.LinAlgWarning)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return linalg.sqrtm(matrix)
+
+
 def frechet_distance(stats1: FIDStatistics, stats2: FIDStatistics, eps: float = 1e-6) -> float:
   """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), as ADM's `FIDStatistics.frechet_distance`."""
   mu1, mu2 = np.atleast_1d(stats1.mu), np.atleast_1d(stats2.mu)
@@ -72,11 +80,11 @@ def frechet_distance(stats1: FIDStatistics, stats2: FIDStatistics, eps: float = 
     raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                      f"{sigma2.shape}")
   diff = mu1 - mu2
-  covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+  covmean = _sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
     warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
     offset = np.eye(sigma1.shape[0]) * eps
-    covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the Frechet distance")

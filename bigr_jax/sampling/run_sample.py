@@ -47,25 +47,35 @@ def generate_images(gen_config: GeneratorConfig, gen_params, tok_config, tok_par
   return np.concatenate(all_images), np.concatenate(all_bits)
 
 
-def sample_to_workdir(config, workdir: str):
-  """Samples `config.sample.labels` with the generator's EMA weights (workdir checkpoints or
-  `config.init_from`) and the tokenizer `config.tokenizer.checkpoint` / `config.tokenizer.config`."""
+def load_models(config, workdir):
+  """(generator config, EMA params, tokenizer config, tokenizer params) for sampling and editing.
+
+  Generator weights: `config.init_from` (converted params) or the workdir's latest EMA params. Tokenizer:
+  `config.tokenizer.config` (a bae_* config file) and `config.tokenizer.checkpoint` (a released .th file, a
+  params directory or a tokenizer workdir).
+  """
   from bigr_jax import config_lib
   from bigr_jax.convert import params_io
   from bigr_jax.train import tokenizer as tokenizer_train
-  workdir = pathlib.Path(workdir)
   gen_config = GeneratorConfig(**config.model.to_dict())
-  if config.get("init_from"):
-    gen_params = params_io.load_params(config.init_from)
-  else:
-    gen_params = params_io.train_state_params(workdir, use_ema=config.sample.get("use_ema", True))
   if not config.tokenizer.get("checkpoint") or not config.tokenizer.get("config"):
     raise ValueError("sampling decodes with a B-AE: set --config.tokenizer.config=configs/bae_d24.py and "
                      "--config.tokenizer.checkpoint=<binaryae .th file, params dir or tokenizer workdir>")
   tok_config = tokenizer_train.tokenizer_config(config_lib.load_config_file(config.tokenizer.config))
   if tok_config.codebook_size != gen_config.binary_size:
     raise ValueError(f"the tokenizer has {tok_config.codebook_size} bits, the generator {gen_config.binary_size}")
+  if config.get("init_from"):
+    gen_params = params_io.load_params(config.init_from)
+  else:
+    gen_params = params_io.train_state_params(workdir, use_ema=config.sample.get("use_ema", True))
   tok_params = tokenizer_train.load_tokenizer_params(config.tokenizer.checkpoint, tok_config)
+  return gen_config, gen_params, tok_config, tok_params
+
+
+def sample_to_workdir(config, workdir: str):
+  """Samples `config.sample.labels`; writes workdir/samples/{samples.png, samples.npz, samples.json}."""
+  workdir = pathlib.Path(workdir)
+  gen_config, gen_params, tok_config, tok_params = load_models(config, workdir)
   labels = np.asarray(config.sample.labels, np.int32)
   if labels.min() < 0 or labels.max() > gen_config.num_classes:
     raise ValueError(f"class labels must be in [0, {gen_config.num_classes}] ({gen_config.num_classes} = null)")
@@ -81,4 +91,47 @@ def sample_to_workdir(config, workdir: str):
              **{k: v for k, v in config.sample.to_dict().items() if k != "labels"}}
   (out / "samples.json").write_text(json.dumps(summary, indent=2, default=str))
   print(f"wrote {out / 'samples.png'} ({len(images)} images, {seconds:.1f} s)", flush=True)
+  return images
+
+
+def edit_to_workdir(config, workdir: str):
+  """`--mode=edit`: config.edit.task = inpaint | outpaint | edit | interpolate | enrich on config.edit.image
+  (and config.edit.mask, a PNG, white = regenerate; for outpaint white = keep). Writes workdir/edit/<task>.png
+  (the input first, then config.edit.batch results) and <task>.npz."""
+  from bigr_jax.sampling import editing
+  workdir = pathlib.Path(workdir)
+  edit = config.edit
+  gen_config, gen_params, tok_config, tok_params = load_models(config, workdir)
+  key = jax.random.key(edit.get("seed", 0))
+  batch = int(edit.get("batch", 4))
+  inputs = []
+  if edit.task == "interpolate":
+    out = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key)
+  else:
+    image = images_lib.load_image(edit.image, tok_config.img_size)
+    inputs = [image]
+    _, bits = jax.jit(lambda p, x: tokenizer_lib.BinaryAutoEncoder(tok_config).apply(
+        {"params": p}, x, rngs={"sample": jax.random.fold_in(key, 1)},
+        method=tokenizer_lib.BinaryAutoEncoder.encode))(tok_params, np.repeat(image[None], batch, 0))
+    bits = np.asarray(bits).reshape(batch, -1, tok_config.codebook_size)  # sampled codes, as the original
+    if edit.task == "enrich":
+      out_bits = editing.enrich(gen_config, gen_params, bits, key)
+    else:
+      mask = editing.mask_from_image(edit.mask, gen_config.grid_size, tok_config.img_size)
+      if edit.task == "inpaint":
+        out = editing.inpaint(gen_config, gen_params, bits, mask, key)
+      elif edit.task == "outpaint":
+        out = editing.outpaint(gen_config, gen_params, bits, mask, key)
+      elif edit.task == "edit":
+        out = editing.edit_class(gen_config, gen_params, bits, mask, edit.target_class, key)
+      else:
+        raise ValueError(f"unknown edit.task {edit.task!r}: inpaint | outpaint | edit | interpolate | enrich")
+  if edit.task != "enrich":
+    out_bits = out.bits
+  images = decode_bits(tok_config, tok_params, np.asarray(out_bits))
+  path = workdir / "edit" / f"{edit.task}.png"
+  images_lib.save_grid(np.concatenate([np.stack(inputs), images]) if inputs else images, path,
+                       nrow=min(8, len(images) + len(inputs)))
+  np.savez(path.with_suffix(".npz"), arr_0=images_lib.to_uint8(images))
+  print(f"wrote {path}", flush=True)
   return images
