@@ -4,6 +4,7 @@ Fixture sets: `*generator_io*.npz` beside a `*generator_state_dict*.npz` twin, a
 directory given by BIGR_PARITY_FIXTURES (default tests/fixtures/bigr_original).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,6 +67,10 @@ def test_features(loaded):
       small = bigr.BiGR(small_cfg).apply({"params": small_params}, io["inp"], io["cond"], [layer],
                                          method=bigr.BiGR.features)
       _close(small[layer], io[f"feat_layer{layer}"], f"truncated feat_layer{layer}")
+    pooled = bigr.BiGR(cfg).apply({"params": params}, io["inp"], io["cond"], layers,
+                                  method=bigr.BiGR.pooled_features)
+    for layer in layers:
+      _close(pooled[layer], io[f"feat_layer{layer}"].mean(axis=1), f"pooled feat_layer{layer}")
 
 
 def test_denoiser_and_loss(loaded):
@@ -80,6 +85,23 @@ def test_denoiser_and_loss(loaded):
     _close(wbce, io["wbce"], "wbce")
     _close(transcoder.masked_token_mean(wbce, jnp.asarray(io["cfg_mask"])), io["wbce_masked_mean"],
            "wbce_masked_mean")
+
+
+def test_training_loss_same_in_both_layouts(parity_dir):
+  sets = _generator_sets(parity_dir)
+  if not sets:
+    pytest.skip(f"no generator fixtures in {parity_dir}")
+  io_path, sd_path = sets[0]
+  io, state_dict = dict(np.load(io_path)), dict(np.load(sd_path))
+  rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
+  losses = []
+  for scan in (True, False):
+    cfg = config_lib.from_model_args(str(io["config"]), scan_layers=scan)
+    params = generator_weights.torch_to_flax(state_dict, cfg)
+    loss, _ = bigr.BiGR(cfg).apply({"params": params}, io["inp"], io["cond"], deterministic=True, rngs=rngs,
+                                   method=bigr.BiGR.loss)
+    losses.append(float(loss))
+  assert np.isfinite(losses[0]) and abs(losses[0] - losses[1]) < 1e-6
 
 
 def test_state_dict_round_trip(loaded):

@@ -151,11 +151,11 @@ def test_reverse_step_matches_repeated_one_step():
     np.testing.assert_allclose(got, probs[..., 0] / probs.sum(-1), rtol=1e-5)
 
 
-# (a) CFG with both schedules and Gumbel noise, chunked transcoding; (b) cfg <= 1 (no null half), the
-# entropy ordering and thresholded bits, every token transcoded (one chunk).
+# (a) CFG with both schedules and Gumbel noise, transcoding in padded sizes (4 here, to compile faster);
+# (b) cfg <= 1 (no null half), the entropy ordering and thresholded bits, every token transcoded.
 CONFIGS = {
     "cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=2.5, cfg_schedule="linear", gumbel_temp=0.5,
-                                 gumbel_schedule="down"),
+                                 gumbel_schedule="down", transcode_sizes=4),
     "no_cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, gumbel_schedule="up",
                                     ordering="entropy", token_sampling="threshold", transcode_sizes=1),
 }
@@ -208,7 +208,7 @@ def test_program_size_does_not_grow_with_iterations(tiny):
   labels = jnp.zeros((2,), jnp.int32)
   sizes = []
   for num_iter in (4, 8):
-    config = sampler.SamplerConfig(num_iter=num_iter)
+    config = sampler.SamplerConfig(num_iter=num_iter, transcode_sizes=2)
     tables = {k: jnp.asarray(v) for k, v in config.tables(cfg.seq_len).items()}
     static = sampler._Static(sampler._static_part(config), cfg, False, None, ("data",))  # pylint: disable=protected-access
     lowered = sampler._sample.lower(params, labels, None, jax.random.key(0), jnp.zeros((2, 16, 8)),  # pylint: disable=protected-access

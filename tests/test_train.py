@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bigr_jax import config_lib, parallel
+from bigr_jax.models import bigr
 from bigr_jax.train import data_feed, generator, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,11 @@ def test_training_learns_the_classes():
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   trainer = generator.GeneratorTrainer(config, mesh, total_steps=60)
   state = trainer.init(jax.random.key(0))
+  probe = next(synthetic_batches(config, start=1000))
+  rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
+  fixed_loss = jax.jit(lambda params: trainer.model.apply(  # same masks, timesteps and noise every call
+      {"params": params}, probe["bits"], probe["label"], deterministic=True, rngs=rngs, method=bigr.BiGR.loss)[0])
+  before = float(fixed_loss(state.params))
   accuracy = []
   with jax.set_mesh(mesh):
     for batch in itertools.islice(synthetic_batches(config), 60):
@@ -63,6 +69,7 @@ def test_training_learns_the_classes():
       accuracy.append(float(metrics["bit_accuracy"]))
   # Chance is 0.5; the class patterns are learnt through the class token and adaLN.
   assert np.mean(accuracy[:5]) < 0.55 and np.mean(accuracy[-10:]) > 0.6
+  assert float(fixed_loss(state.params)) < 0.9 * before
 
 
 def test_resume_and_restore_onto_another_mesh(tmp_path):

@@ -105,6 +105,10 @@ class BiGR(nn.Module):
     _, hidden = self._run_trunk(bits, cond, None, True, keep_hidden=True)
     return {layer: hidden[layer].astype(jnp.float32)[:, self.config.cls_token_num:] for layer in layers}
 
+  def pooled_features(self, bits, labels, layers: Sequence[int], label_weights=None):
+    """{layer: (B, dim)}: `features` averaged over the tokens (the representation the paper probes)."""
+    return {layer: h.mean(axis=1) for layer, h in self.features(bits, labels, layers, label_weights).items()}
+
   def __call__(self, bits, labels, token_mask, x_t, t_minus_1, deterministic: bool = True):
     """Every parameter on one path (used by init): conditions, then denoiser logits."""
     cond = self.condition(bits, labels, token_mask, deterministic=deterministic)

@@ -1,0 +1,250 @@
+"""Generator train step on this machine: step time, compiled vs analytic FLOPs, optionally vs the original.
+
+  .venv/bin/python benchmarks/train_step.py                          # tiny and BiGR-L width at 4 layers
+  .venv/bin/python benchmarks/train_step.py --configs=L-d4 --layers=8 --batch=8
+  .venv/bin/python benchmarks/train_step.py --original               # also the original PyTorch step
+
+One step = forward + backward + AdamW (with global-norm clipping) + EMA, as `GeneratorTrainer.train_step`
+runs it (float32, random weights, one device). Compiled FLOPs come from XLA's `cost_analysis()`; it counts a
+scanned layer stack's body once, so by default they are read from an unrolled copy of the step
+(`--flops=unrolled`). The original (github.com/haoosz/BiGR, from the read-only mirror `--original_repo`,
+copied to a temp dir with torchvision stubbed) runs `model.train()`, forward with targets, `backward()`,
+grad clipping, AdamW and its EMA update, as its train_ddp.py does (eager, float32; `--original_compile`
+wraps the model in torch.compile as its default training does). Prints one JSON line; details on stderr.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigr_jax import parallel
+from bigr_jax.config_lib import load_config_file
+from bigr_jax.models import bigr
+from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
+from bigr_jax.train.generator import GeneratorTrainer
+
+CONFIGS = {
+    "tiny": dict(dim=64, n_layer=2, n_head=4, denoise_hidden_dim=64, num_block_mlp=2, binary_size=16,
+                 num_classes=10),
+    "L-d4": dict(MODEL_SIZES["L"], n_layer=4),  # n_layer follows --layers
+    "L": dict(MODEL_SIZES["L"]),
+}
+COMMON = dict(binary_size=24, block_size=256, seq_len=256, dtype="float32")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+ORIGINAL_FILES = ("llama/gpt.py", "llama/bindiff/binarylatent.py", "llama/drop_path.py")
+
+
+def log(*args):
+  print("#", *args, file=sys.stderr, flush=True)
+
+
+def model_config(name: str, layers: int, **overrides) -> GeneratorConfig:
+  fields = {**COMMON, **CONFIGS[name], **overrides}
+  if name == "L-d4":
+    fields["n_layer"] = layers
+  return GeneratorConfig(**fields)
+
+
+def make_trainer(cfg: GeneratorConfig) -> GeneratorTrainer:
+  """A trainer on one device with the released optimizer settings (AdamW 0.9/0.95, clip 1, EMA)."""
+  config = load_config_file(os.path.join(CONFIG_DIR, "bigr_l.py"))
+  config.model = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  return GeneratorTrainer(config, parallel.make_mesh(config.mesh, jax.devices()[:1]), total_steps=1000)
+
+
+def abstract_batch(cfg: GeneratorConfig, batch: int) -> dict:
+  return {"bits": jax.ShapeDtypeStruct((batch, cfg.seq_len, cfg.binary_size), jnp.float32),
+          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+
+
+def random_batch(cfg: GeneratorConfig, batch: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"bits": rng.integers(0, 2, (batch, cfg.seq_len, cfg.binary_size)).astype(np.float32),
+          "label": rng.integers(0, cfg.num_classes, (batch,)).astype(np.int32)}
+
+
+def analytic_terms(cfg: GeneratorConfig) -> dict:
+  """The terms of `bigr.train_flops_per_image` (per image, forward + backward), to see which one is off."""
+  length = cfg.seq_len + cfg.cls_token_num
+  kv_dim = cfg.kv_heads * cfg.head_dim
+  w = cfg.denoise_hidden_dim
+  block = 2 * (cfg.dim * (cfg.dim + 2 * kv_dim) + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden_dim)
+  denoiser = 2 * (cfg.binary_size * w + cfg.dim * w + 256 * w + w * w + cfg.num_block_mlp * 5 * w * w
+                  + 2 * w * w + w * cfg.binary_size)
+  return {"trunk_matmuls": 3.0 * cfg.n_layer * length * block,
+          "attention": 3.0 * cfg.n_layer * 4 * length * length * cfg.dim,
+          "token_embed": 3.0 * 2 * cfg.seq_len * cfg.binary_size * cfg.dim,
+          "transcoder": 3.0 * cfg.seq_len * denoiser}
+
+
+def compiled_flops(cfg: GeneratorConfig, batch: int) -> tuple:
+  trainer = make_trainer(cfg)
+  start = time.perf_counter()
+  compiled = trainer.train_step.lower(trainer.abstract_state, abstract_batch(cfg, batch), jax.random.key(0)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]), time.perf_counter() - start
+
+
+def bench_jax(name: str, args) -> dict:
+  cfg = model_config(name, args.layers, scan_layers=not args.unrolled)
+  trainer = make_trainer(cfg)
+  start = time.perf_counter()
+  compiled = trainer.train_step.lower(trainer.abstract_state, abstract_batch(cfg, args.batch),
+                                     jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - start
+  log(f"jax {name}: compiled in {compile_s:.1f} s")
+  state = trainer.init(jax.random.key(0))
+  batch = jax.device_put(random_batch(cfg, args.batch))
+  key = jax.random.key(1)
+  state, metrics = compiled(state, batch, key)  # warm-up
+  jax.block_until_ready(metrics)
+  walls, cpus = [], []
+  for _ in range(args.repeats):
+    wall, cpu = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, batch, key)
+    jax.block_until_ready(metrics)
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+  step_s = statistics.median(walls)
+  log(f"jax {name}: steps {[round(w, 3) for w in walls]} s, loss {float(metrics['loss']):.4f}")
+  result = dict(config={k: v for k, v in dataclasses.asdict(cfg).items() if k in (
+      "dim", "n_layer", "n_head", "denoise_hidden_dim", "num_block_mlp", "binary_size", "seq_len", "scan_layers")},
+                params=bigr.count_params(state.params), compile_s=round(compile_s, 2), step_s=round(step_s, 4),
+                step_s_all=[round(w, 4) for w in walls], cpu_s=round(statistics.median(cpus), 4),
+                images_per_s=round(args.batch / step_s, 3), load_avg=os.getloadavg()[0])
+  del state
+  if args.flops != "off":
+    analytic = bigr.train_flops_per_image(cfg) * args.batch
+    if args.flops == "timed" or not cfg.scan_layers:
+      cost = compiled.cost_analysis()
+      flops, source = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]), "timed step"
+    else:
+      flops, flops_compile_s = compiled_flops(cfg.replace(scan_layers=False), args.batch)
+      source = f"unrolled copy (compiled in {flops_compile_s:.1f} s)"
+    terms = {k: v * args.batch for k, v in analytic_terms(cfg).items()}
+    result["flops"] = dict(compiled=flops, analytic=analytic, compiled_over_analytic=round(flops / analytic, 4),
+                           source=source, analytic_terms=terms,
+                           terms_sum_matches=bool(abs(sum(terms.values()) - analytic) <= 1e-6 * analytic))
+    result["achieved_gflops_per_s"] = round(flops / step_s / 1e9, 2)
+    log(f"jax {name}: compiled {flops:.4g} FLOPs vs analytic {analytic:.4g} ({flops / analytic:.4f}), {source}")
+  return result
+
+
+def load_original(repo: str):
+  """Imports the original `llama.gpt` from a temp copy of the mirror, with torchvision stubbed."""
+  root = tempfile.mkdtemp(prefix="bigr_original_")
+  for path in ORIGINAL_FILES:
+    text = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], check=True, capture_output=True,
+                          text=True).stdout
+    os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+    with open(os.path.join(root, path), "w") as f:
+      f.write(text)
+  for package in ("llama", "llama/bindiff"):
+    open(os.path.join(root, package, "__init__.py"), "a").close()
+  sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))
+  sys.path.insert(0, root)
+  from llama import gpt  # pylint: disable=import-outside-toplevel
+  return gpt
+
+
+def bench_original(name: str, args) -> dict:
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  gpt = load_original(args.original_repo)
+  cfg = model_config(name, args.layers)
+  torch.manual_seed(0)
+  with contextlib.redirect_stdout(io.StringIO()):  # it prints "We are using adaLN!"
+    model = gpt.Transformer(gpt.ModelArgs(
+        dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, num_block_mlp=cfg.num_block_mlp,
+        denoise_hidden_dim=cfg.denoise_hidden_dim, binary_size=cfg.binary_size, num_classes=cfg.num_classes,
+        block_size=cfg.block_size, seq_len=cfg.seq_len, p_flip=cfg.p_flip, focal=cfg.focal, alpha=cfg.alpha,
+        use_adaLN=cfg.use_adaLN, class_dropout_prob=cfg.class_dropout_prob, token_dropout_p=cfg.token_dropout_p,
+        resid_dropout_p=cfg.resid_dropout_p, ffn_dropout_p=cfg.ffn_dropout_p, n_sample_steps=cfg.n_sample_steps))
+  ema = [p.detach().clone() for p in model.parameters()]
+  decay, no_decay = [], []
+  for pname, p in model.named_parameters():  # the original's add_weight_decay
+    (no_decay if p.ndim == 1 or pname.endswith(".bias") or "denoise_mlp" in pname else decay).append(p)
+  opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 2e-2}],
+                          lr=1e-4, betas=(0.9, 0.95))
+  model.train()
+  forward = torch.compile(model) if args.original_compile else model
+  data = random_batch(cfg, args.batch)
+  bits, labels = torch.from_numpy(data["bits"]), torch.from_numpy(data["label"]).long()
+
+  def step():
+    _, stats = forward(inp=bits, cond_idx=labels, targets=bits)
+    opt.zero_grad()
+    stats["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+      for e, p in zip(ema, model.parameters()):
+        e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
+    return float(stats["loss"])
+
+  start = time.perf_counter()
+  step()  # warm-up (and compilation with --original_compile)
+  first_s = time.perf_counter() - start
+  walls, cpus = [], []
+  for _ in range(args.repeats):
+    wall, cpu = time.perf_counter(), time.process_time()
+    loss = step()
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+  step_s = statistics.median(walls)
+  log(f"original {name}: steps {[round(w, 3) for w in walls]} s, loss {loss:.4f}")
+  return dict(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+              compiled=args.original_compile, params=sum(p.numel() for p in model.parameters()),
+              first_step_s=round(first_s, 3), step_s=round(step_s, 4), step_s_all=[round(w, 4) for w in walls],
+              cpu_s=round(statistics.median(cpus), 4), images_per_s=round(args.batch / step_s, 3),
+              load_avg=os.getloadavg()[0])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--configs", default="tiny,L-d4", help=f"comma-separated, of {sorted(CONFIGS)}")
+  parser.add_argument("--layers", type=int, default=4, help="depth of L-d4")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)")
+  parser.add_argument("--unrolled", action="store_true", help="time the unrolled layer loop instead of nn.scan")
+  parser.add_argument("--flops", default="unrolled", choices=("unrolled", "timed", "off"),
+                      help="where compiled FLOPs come from (scan bodies count once in 'timed')")
+  parser.add_argument("--original", action="store_true", help="also time the original PyTorch train step")
+  parser.add_argument("--original_compile", action="store_true", help="torch.compile the original")
+  parser.add_argument("--original_repo", default="/work/.mirror/haoosz+BiGR/repo")
+  args = parser.parse_args()
+  result = dict(benchmark="train_step", backend=jax.default_backend(), devices=str(jax.devices()[0]),
+                cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(), batch=args.batch,
+                dtype="float32", repeats=args.repeats, load_avg_start=os.getloadavg()[0], jax={}, original={},
+                note="wall-clock seconds, median of `repeats` steps, on this (possibly shared) machine; "
+                     "cpu_s: process CPU seconds, all threads")
+  for name in args.configs.split(","):
+    result["jax"][name] = bench_jax(name, args)
+    if args.original:
+      result["original"][name] = bench_original(name, args)
+      ours, theirs = result["jax"][name], result["original"][name]
+      result.setdefault("speedup", {})[name] = dict(wall=round(theirs["step_s"] / ours["step_s"], 2),
+                                                    cpu=round(theirs["cpu_s"] / ours["cpu_s"], 2))
+      log(f"speedup {name}: {result['speedup'][name]}")
+  result["load_avg_end"] = os.getloadavg()[0]
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
