@@ -23,6 +23,7 @@ def get_config(arg=None):
   tok.checkpoint_every = 500
   tok.optim.lr = 2e-3
   tok.loss.disc_start_step = 10**9  # L1 only: a GAN needs far longer than a demo
+  tok.model.deterministic = True  # thresholded bits: a tiny B-AE converges faster than with sampled ones
   tok.mesh.update(data=-1)
   c.tokenizer = tok
 

@@ -22,6 +22,7 @@ The forward pass takes NHWC images in [0, 1], resizes them to 299x299 bilinearly
   branch of the seventh mixed block (`Mixed_6d.branch1x1`), of which ADM keeps the first 7 channels.
 """
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -248,7 +249,9 @@ def init_params(key, image_size: int = IMAGE_SIZE):
   return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
 
 
+@functools.lru_cache(maxsize=1)
 def param_shapes():
+  """Shapes of the params (traced once; the converter checks every array against them)."""
   return jax.eval_shape(lambda: init_params(jax.random.key(0)))
 
 

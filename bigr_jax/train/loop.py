@@ -35,6 +35,9 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   fetched one step late so the host never waits on the device; a non-finite loss stops the run before a
   checkpoint of that state is written. SIGTERM (preemption) checkpoints and returns.
   """
+  if str(workdir).startswith(("gs://", "s3://")):
+    raise ValueError(f"workdir {workdir}: use a local path; on a pod, mount the bucket at the same path on every "
+                     "host (e.g. gcsfuse) so that all hosts write one checkpoint")
   workdir = pathlib.Path(workdir)
   ckpt = checkpoints.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                   with_data=feed.checkpointable is not None)
