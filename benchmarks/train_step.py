@@ -196,7 +196,7 @@ def bench_original(name: str, args) -> dict:
     with torch.no_grad():
       for e, p in zip(ema, model.parameters()):
         e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
-    return float(stats["loss"])
+    return float(stats["loss"].detach())
 
   start = time.perf_counter()
   step()  # warm-up (and compilation with --original_compile)

@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.tokenizer = tok
 
   gen = config_lib.base_generator_config()
+  gen.model = config_lib.generator_model("L", bits=16)
   config_lib.shrink_for_cpu(gen)
   gen.model.update(binary_size=16, dim=128, n_layer=4, n_head=4, denoise_hidden_dim=128, num_block_mlp=2,
                    block_size=16, seq_len=16, num_classes=10)

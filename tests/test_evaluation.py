@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from scipy import linalg, stats
+from scipy import stats
 
 from bigr_jax import parallel
 from bigr_jax.evaluation import features as features_lib
@@ -320,7 +320,8 @@ def _closed_form_fid(mu1, sigma1, mu2, sigma2):
   w, v = np.linalg.eigh(sigma1)
   root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
+  trace_sqrt = np.sum(np.sqrt(np.clip(inner, 0, None)))
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def test_fid_of_two_gaussians_matches_the_closed_form():
@@ -392,8 +393,8 @@ def test_adm_npz_layout_round_trip(tmp_path):
   np.testing.assert_array_equal(np.concatenate(list(metrics.iterate_npz_array(path, batch_size=4))), images)
   assert [len(b) for b in metrics.iterate_npz_array(path, batch_size=4, limit=6)] == [4, 2]
   np.savez_compressed(tmp_path / "ref.npz", arr_0=images, mu=np.zeros(3), sigma=np.eye(3))
-  np.testing.assert_array_equal(np.concatenate(list(metrics.iterate_npz_array(str(tmp_path / "ref.npz"), batch_size=5))),
-                                images)
+  compressed = metrics.iterate_npz_array(str(tmp_path / "ref.npz"), batch_size=5)
+  np.testing.assert_array_equal(np.concatenate(list(compressed)), images)
   assert metrics.read_reference_statistics(str(tmp_path / "ref.npz"))[0].sigma.shape == (3, 3)
   assert metrics.read_reference_statistics(path) is None
   with pytest.raises(ValueError, match="nothing was saved"):
@@ -458,7 +459,9 @@ def _mesh(data, fsdp, tensor, devices=None):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-  return jax.tree_util.tree_map(np.asarray, jax.jit(bigr.init_params, static_argnums=0)(TINY, jax.random.key(0)))
+  import flax.linen as flax_nn
+  params = flax_nn.meta.unbox(jax.jit(bigr.init_params, static_argnums=0)(TINY, jax.random.key(0)))
+  return jax.tree_util.tree_map(np.asarray, params)
 
 
 @pytest.fixture(scope="module")
@@ -481,9 +484,9 @@ class RandomCodes:
     return {"codes": self.codes[i], "label": self.labels[i]}
 
 
-def test_features_resume_after_interruption(tmp_path, sharded_extractor):
+def test_features_resume_after_interruption(tmp_path, sharded_extractor, tiny_params):
   source = RandomCodes(37)  # batches of 8: 4 full + 1 partial; 2 batches per chunk -> 3 chunks
-  batches = lambda start: features_lib.batches_from_source(source, 8, start_batch=start)  # noqa: E731
+  batches = lambda start: features_lib.batches_from_source(source, 8, start=start)  # noqa: E731
   full = features_lib.write_features(sharded_extractor, batches, str(tmp_path / "full"), batches_per_chunk=2)
   assert full["done"] and full["count"] == 37 and full["chunks"] == 3 and full["layers"] == [0, 2]
 
@@ -509,8 +512,8 @@ def test_features_resume_after_interruption(tmp_path, sharded_extractor):
     assert got[layer].shape == (37, TINY.dim)
     np.testing.assert_array_equal(got[layer], want[layer])
   with pytest.raises(ValueError, match="another run"):
-    features_lib.write_features(features_lib.FeatureExtractor(TINY, jax.tree_util.tree_map(np.asarray, sharded_extractor.params), [1], mesh=sharded_extractor.mesh),
-                                batches, str(tmp_path / "full"))
+    other = features_lib.FeatureExtractor(TINY, tiny_params, [1], mesh=sharded_extractor.mesh)
+    features_lib.write_features(other, batches, str(tmp_path / "full"))
 
 
 def test_sharded_features_equal_single_device(sharded_extractor, tiny_params):
@@ -525,7 +528,34 @@ def test_sharded_features_equal_single_device(sharded_extractor, tiny_params):
                                  jnp.full((16,), TINY.null_class), [0, 2], method=bigr.BiGR.features)
   np.testing.assert_allclose(want[:, 1], np.asarray(hidden[2]).mean(axis=1), rtol=1e-5, atol=1e-5)
   # The class input matters: real labels give other features than the null class.
-  assert not np.allclose(np.asarray(single(batch["bits"].astype(np.float32), batch["label"]))[:, 0], want[:, 0])
+  labelled = features_lib.FeatureExtractor(TINY, tiny_params, [0, 2], mesh=single.mesh, condition="label")
+  assert not np.allclose(labelled.host_batch(batch["bits"], batch["label"], batch["valid"])[0], want)
+
+
+def test_entry_points_extract_and_probe(tmp_path, tiny_params):
+  """extract_features + probe_features on the runlocal stand-in codes (data.name='synthetic')."""
+  fields = {f: getattr(TINY, f) for f in ("dim", "n_layer", "n_head", "denoise_hidden_dim", "num_block_mlp",
+                                          "block_size", "seq_len", "num_classes", "binary_size")}
+  config = ml_collections.ConfigDict({
+      "model": fields, "data": {"name": "synthetic"}, "mesh": {"data": 4, "fsdp": 2, "tensor": 1},
+      "evaluation": {"layers": (1,), "batch_size": 96, "batches_per_chunk": 2,
+                     "probe": {"epochs": 20, "batch_size": 64, "base_lr": 20.0, "warmup_epochs": 2}}})
+  dirs = run_lib.extract_features(config, str(tmp_path), params=tiny_params)
+  assert set(dirs) == {"train", "validation"}
+  train, labels = features_lib.load_features(dirs["train"])
+  assert train[1].shape == (512, TINY.dim) and labels.shape == (512,)
+  result = run_lib.probe_features(config, str(tmp_path))
+  assert set(result["layers"]) == {1} and result["best_layer"] == 1
+  assert result["best_top1"] > 50  # 10 classes of noisy fixed patterns
+  assert json.loads((tmp_path / "linear_probe.json").read_text())["best_layer"] == 1
+  with pytest.raises(FileNotFoundError, match="evaluation.params"):
+    run_lib.extract_features(config, str(tmp_path / "empty"))
+  # evaluation.params: a converted params checkpoint.
+  from bigr_jax.convert import params_io
+  params_io.save_params(tiny_params, tmp_path / "params")
+  config.evaluation.params = str(tmp_path / "params")
+  loaded = run_lib.load_generator_params(config, str(tmp_path / "empty"), TINY)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, loaded), tiny_params)
 
 
 def test_evaluation_config_checks():
@@ -600,8 +630,9 @@ def test_linear_probe_on_digits(tmp_path, sharded_extractor, tiny_params, capsys
         return {"codes": codes[split][i], "label": data[split][1][i]}
 
     directory = str(tmp_path / split)
-    features_lib.write_features(sharded_extractor, lambda start: features_lib.batches_from_source(Source(), 256, start_batch=start),
-                                directory, batches_per_chunk=2)
+    source = Source()
+    batches = lambda start, s=source: features_lib.batches_from_source(s, 256, start=start)  # noqa: E731
+    features_lib.write_features(sharded_extractor, batches, directory, batches_per_chunk=2)
     feats[split] = features_lib.load_features(directory)
   sweep = linear_probe.layer_sweep(feats["train"][0], feats["train"][1], feats["test"][0], feats["test"][1], probe)
   with capsys.disabled():

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from absl import logging
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -77,15 +78,21 @@ class FeatureExtractor:
     self.condition = condition
     self.mesh = mesh
     self.null_class = model_config.null_class
+    # Unboxed: params straight from `bigr.init_params` carry logical-axis boxes, checkpoints do not.
+    params = nn.meta.unbox(params)
     self.model_config, params = bigr.truncate_params(model_config, params, max(self.layers))
     self.dim = self.model_config.dim
     shardings = parallel.logical_shardings(bigr.param_shapes(self.model_config), mesh,
                                            rules if rules is not None else parallel.DEFAULT_RULES)
     self.params = jax.device_put(params, shardings)
     model, layer_list = bigr.BiGR(self.model_config), tuple(self.layers)
+    null_class, use_null = self.null_class, condition == "null"
 
     def pooled(params, bits, labels):
-      hidden = model.apply({"params": params}, bits, labels, layer_list, method=bigr.BiGR.features)
+      if use_null:
+        labels = jnp.full_like(labels, null_class)
+      hidden = model.apply({"params": params}, bits.astype(jnp.float32), labels, layer_list,
+                           method=bigr.BiGR.features)
       return jnp.stack([hidden[layer].mean(axis=1) for layer in layer_list], axis=1)
 
     self._pooled = jax.jit(pooled, in_shardings=(shardings, parallel.batch_sharding(mesh, 3),
@@ -99,7 +106,7 @@ class FeatureExtractor:
   def __call__(self, bits, labels) -> jax.Array:
     """Global batch (sharded, or host arrays on one process) -> (B, len(layers), dim) float32.
 
-    `labels` are fed as they are; `host_batch` applies the condition.
+    With condition "null" the labels are replaced by the null class.
     """
     return self._pooled(self.params, bits, labels)
 
@@ -109,22 +116,25 @@ class FeatureExtractor:
     Labels and the padding mask travel the same host -> global -> host path as the features, so rows
     stay aligned whatever order the mesh puts the hosts in.
     """
-    batch = parallel.to_global({"bits": np.asarray(bits, np.float32), "label": np.asarray(labels, np.int32),
+    expected = (self.model_config.seq_len, self.model_config.binary_size)
+    if np.shape(bits)[1:] != expected:
+      raise ValueError(f"bits of shape {np.shape(bits)[1:]} per example; the model takes {expected} "
+                       "(tokens x bits)")
+    # Bits travel as uint8 (a quarter of float32's bytes) and become floats on the devices.
+    batch = parallel.to_global({"bits": np.asarray(bits, np.uint8), "label": np.asarray(labels, np.int32),
                                 "valid": np.asarray(valid, bool)}, self.mesh)
-    model_labels = batch["label"]
-    if self.condition == "null":
-      model_labels = jnp.full_like(model_labels, self.null_class)
-    out = self(batch["bits"], model_labels)
+    out = self(batch["bits"], batch["label"])
     gathered = multihost_utils.process_allgather((out, batch["label"], batch["valid"]), tiled=True)
     return tuple(np.asarray(x) for x in gathered)
 
 
-def batches_from_source(source, batch_size: int, *, start_batch: int = 0, process_index: Optional[int] = None,
+def batches_from_source(source, batch_size: int, *, start: int = 0, process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> Iterator[dict]:
-  """Host-local batches of a random-access code source, in index order, the last one partial.
+  """Host-local batches of a random-access code source from record `start`, in index order, the last partial.
 
   Records are `dict(codes=(T, K), label)` (`data.CodesSource`, `data.OriginalCodesSource`, ...). Global
-  batch g holds records [g * batch_size, (g + 1) * batch_size); each host gets its contiguous slice.
+  batch g holds records [start + g * batch_size, start + (g + 1) * batch_size); each host gets its
+  contiguous slice.
   Batches are `dict(bits=uint8 (b, T, K), label=int32 (b,), valid=bool (b,))`, `b` the host batch size;
   padded rows of the last batch repeat record 0 and have `valid` False.
   """
@@ -134,8 +144,8 @@ def batches_from_source(source, batch_size: int, *, start_batch: int = 0, proces
     raise ValueError(f"batch size {batch_size} is not divisible by {process_count} hosts")
   local = batch_size // process_count
   num = len(source)
-  for start in range(start_batch * batch_size, num, batch_size):
-    first = start + process_index * local
+  for batch_start in range(start, num, batch_size):
+    first = batch_start + process_index * local
     index = np.arange(first, first + local)
     valid = index < num
     records = [source[int(i)] for i in np.where(valid, index, 0)]
@@ -172,6 +182,8 @@ def read_progress(directory: str) -> Optional[dict]:
 def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(bits, labels, valid) padded to `size` rows (static shapes: one compiled step for every batch)."""
   bits = np.asarray(batch["bits"] if "bits" in batch else batch["codes"])
+  if bits.dtype != np.uint8 and bits.dtype != np.bool_ and not np.all((bits == 0) | (bits == 1)):
+    raise ValueError(f"bits must be 0 or 1; got values such as {np.unique(bits)[:6]}")
   labels = np.asarray(batch["label"], np.int32)
   valid = np.asarray(batch.get("valid", np.ones(len(labels), bool)), bool)
   n = len(labels)
@@ -193,10 +205,11 @@ def write_features(extractor: FeatureExtractor,
 
   Args:
     extractor: the jitted model (`FeatureExtractor`).
-    batches: host-local batches, dicts with `bits` (or `codes`) (b, T, K) in {0, 1} and `label` (b,),
-      optionally `valid` (b,) bool for padding rows; every batch but the last has the same size. Or a
-      callable `start_batch -> iterable` that starts at a given batch (cheaper on resume; a plain iterable
-      is advanced past the finished batches instead).
+    batches: a callable `start -> iterable of batches` beginning at example `start` (the examples already
+      written; e.g. `lambda start: batches_from_source(source, 256, start=start)`), or a plain iterable of
+      batches, which a resumed run advances past the finished batches (so keep its batch size when
+      resuming). Batches are host-local dicts with `bits` (or `codes`) (b, T, K) in {0, 1} and `label`
+      (b,), optionally `valid` (b,) bool for padding rows; every batch but the last has the same size.
     directory: output directory (created); a local or mounted path.
     batches_per_chunk: batches per chunk file; a crash loses at most one chunk.
     num_examples: total examples, for the progress line only.
@@ -222,11 +235,10 @@ def write_features(extractor: FeatureExtractor,
                  progress["count"])
   else:
     progress = {**layout, "batch_size": None, "chunks": 0, "count": 0, "done": False}
-  start_batch = progress["chunks"] * batches_per_chunk
   if callable(batches):
-    iterator = iter(batches(start_batch))
+    iterator = iter(batches(progress["count"]))
   else:
-    iterator = itertools.islice(iter(batches), start_batch, None)
+    iterator = itertools.islice(iter(batches), progress["chunks"] * batches_per_chunk, None)
 
   is_writer = jax.process_index() == 0
   if is_writer:
@@ -254,6 +266,9 @@ def write_features(extractor: FeatureExtractor,
   for batch in iterator:
     if batch_size is None:
       batch_size = progress["batch_size"] = len(batch["label"])
+    elif len(batch["label"]) > batch_size:
+      raise ValueError(f"batches of {len(batch['label'])} in {directory}, begun with batches of {batch_size}; "
+                       "resume with the same batch size")
     bits, labels, valid = _pad_batch(batch, batch_size)
     feats, all_labels, keep = extractor.host_batch(bits, labels, valid)
     pending_features.append(feats[keep])

@@ -185,8 +185,10 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = PR_K, 
   ref_inside = np.zeros(len(reference), bool)  # reference point inside some sample ball (recall)
   sample_inside = np.zeros(len(samples), bool)  # sample inside some reference ball (precision)
   # Padded points get radius -1, so no distance (>= 0) is ever within their ball.
-  pad_radii = lambda r, start: np.concatenate([r[start:start + size], -np.ones(max(0, start + size - len(r)),  # noqa: E731
-                                                                                   np.float32)])
+
+  def pad_radii(radii, start):
+    return np.concatenate([radii[start:start + size], -np.ones(max(0, start + size - len(radii)), np.float32)])
+
   for start_r, ref_block, ref_valid in _blocks(reference, size):
     for start_s, sample_block, sample_valid in _blocks(samples, size):
       r_in, s_in = _inside_block(ref_block, pad_radii(radii_ref, start_r), sample_block,

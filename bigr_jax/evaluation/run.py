@@ -121,14 +121,27 @@ def _code_source(config, split: str):
   if data_config.name == "synthetic":
     from bigr_jax.train.data_feed import SyntheticCodes
     model = config.model
-    # Train and eval splits differ by seed, so the probe sees held-out codes of the same classes.
-    return SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, size=512,
-                          seed=config.get("seed", 0) * 2 + int(split != "train"))
+    # One pattern set (one seed) for both splits; the eval split reads the records after the train split's.
+    codes = SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, size=1024, seed=config.get("seed", 0))
+    return _Slice(codes, 0 if split == "train" else 512, 512)
   from bigr_jax import data
   if data_config.name not in data.builder.CODE_SOURCES:
     raise ValueError(f"feature extraction reads bit codes: data.name={data_config.name!r} is an image source. "
                      "Extract codes first (--mode=encode with a tokenizer config), then set data.name='codes'.")
   return data.build_source(data_config)
+
+
+class _Slice:
+  """Records [start, start + size) of a random-access source."""
+
+  def __init__(self, source, start: int, size: int):
+    self.source, self.start, self.size = source, start, size
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int):
+    return self.source[self.start + int(index)]
 
 
 def features_dir(config, workdir: str, split: str) -> str:
@@ -160,7 +173,7 @@ def extract_features(config, workdir: str, *, params=None, splits=None, mesh=Non
     logging.info("features: split %s, %d examples, layers %s, condition %s -> %s", split, len(source),
                  extractor.layers, ev.condition, directory)
     features_lib.write_features(
-        extractor, lambda start, s=source: features_lib.batches_from_source(s, batch_size, start_batch=start),
+        extractor, lambda start, s=source: features_lib.batches_from_source(s, batch_size, start=start),
         directory, batches_per_chunk=ev.batches_per_chunk, num_examples=len(source))
     out[split] = directory
   return out
