@@ -36,6 +36,14 @@ def run(config, workdir: str, mode: str):
   if mode == "sample":
     from bigr_jax.sampling import run_sample
     return run_sample.sample_to_workdir(config, workdir)
+  if mode == "features":
+    from bigr_jax import evaluation
+    evaluation.extract_features(config, workdir)
+    return evaluation.probe_features(config, workdir)
+  if mode == "evaluate":
+    from bigr_jax import evaluation
+    from bigr_jax.sampling import run_sample
+    return evaluation.evaluate_samples(config, workdir, sample_batch=run_sample.evaluation_samples(config, workdir))
   if mode == "edit":
     from bigr_jax.sampling import run_sample
     return run_sample.edit_to_workdir(config, workdir)

@@ -135,3 +135,29 @@ def edit_to_workdir(config, workdir: str):
   np.savez(path.with_suffix(".npz"), arr_0=images_lib.to_uint8(images))
   print(f"wrote {path}", flush=True)
   return images
+
+
+def evaluation_samples(config, workdir: str) -> str:
+  """The ADM-layout sample batch to evaluate: `evaluation.sample_batch` if set, else workdir/samples/fid.npz,
+  generated here if missing (`evaluation.num_samples` images, classes in turn, 50 per class for 50k)."""
+  from bigr_jax.evaluation import metrics as metrics_lib
+  path = config.get("evaluation", {}).get("sample_batch", "")
+  if path:
+    return path
+  out = pathlib.Path(workdir) / "samples" / "fid.npz"
+  if out.exists():
+    return str(out)
+  gen_config, gen_params, tok_config, tok_params = load_models(config, pathlib.Path(workdir))
+  num = int(config.get("evaluation", {}).get("num_samples", 0) or 50 * gen_config.num_classes)
+  labels = np.arange(num) % gen_config.num_classes
+  batch = int(config.sample.get("batch_size", 0) or 64)
+  mesh = parallel.make_mesh(config.mesh)
+  images, done = [], 0
+  for start in range(0, num, batch):
+    chunk, _ = generate_images(gen_config, gen_params, tok_config, tok_params, labels[start:start + batch],
+                               config.sample, config.sample.get("seed", 0) + start, mesh)
+    images.append(images_lib.to_uint8(chunk))
+    done += len(chunk)
+    print(f"evaluation samples: {done}/{num}", flush=True)
+  metrics_lib.write_sample_batch(str(out), np.concatenate(images), labels)
+  return str(out)
