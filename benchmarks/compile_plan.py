@@ -165,7 +165,9 @@ def main():
       scaling[name] = dict(
           argument_ratio=round(a["argument_gib"] / b["argument_gib"], 3),
           state_ratio=round(a["state_gib_per_device_sharded"] / b["state_gib_per_device_sharded"], 3),
-          ideal_ratio=large / small)
+          ideal_ratio=large / small,
+          # At a fixed per-device batch, ~1 when activations are batch-sharded; ~large/small when replicated.
+          temp_growth=round(b["temp_gib"] / a["temp_gib"], 3))
     result[f"scaling_{small}_to_{large}"] = scaling
   print(json.dumps(result))
 

@@ -4,9 +4,7 @@ Modes: train (the config's model family decides which trainer), sample, encode, 
 demo (the embedded default end to end). Any config field can be overridden: --config.optim.lr=2e-4.
 """
 
-import logging
-
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -53,7 +51,7 @@ def run(config, workdir: str, mode: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain are chatty at INFO
   config = FLAGS.config
   run(config, FLAGS.workdir, FLAGS.mode or config.get("mode", "train"))
 

@@ -17,7 +17,8 @@ def get_config(arg=None):
   c.mode = "demo"
   c.seed = 0
 
-  tok = config_lib.base_tokenizer_config(bits=16, image_size=256, total_steps=1500, arg="runlocal")
+  tok = config_lib.base_tokenizer_config(bits=16, image_size=256, total_steps=0, arg="runlocal")
+  tok.total_steps = 1500
   tok.batch_size = 32
   tok.log_every = 250
   tok.checkpoint_every = 500

@@ -44,7 +44,8 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   checkpoints.save_config(config, workdir)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(abstract_state, feed.checkpointable)
-    logging.info("resumed from step %d in %s", ckpt.latest_step(), ckpt.directory)
+    if jax.process_index() == 0:
+      print(f"resumed from step {ckpt.latest_step()} in {ckpt.directory}", flush=True)
   else:
     state = init()
   start = int(jax.device_get(state.step))
