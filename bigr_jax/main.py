@@ -52,8 +52,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain are chatty at INFO
+  from bigr_jax.train.checkpoints import Preempted
   config = FLAGS.config
-  run(config, FLAGS.workdir, FLAGS.mode or config.get("mode", "train"))
+  try:
+    run(config, FLAGS.workdir, FLAGS.mode or config.get("mode", "train"))
+  except Preempted as e:
+    print(e, flush=True)
+    raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ downloading the released weights, and uses images that ship with scikit-image / 
 """
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -46,7 +47,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv("BIGR_COLAB_FIXTURES", str(ROOT / "tests" / "fixtures" / "bigr_original"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device, as a notebook on one accelerator
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+  # The tests' persistent compilation cache (conftest.py), unless one is set.
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax")))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   nb = _read(name)
   # Runs in tmp_path: nothing lands in the checkout. Raises CellExecutionError on any failing cell.

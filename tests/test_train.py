@@ -10,7 +10,7 @@ import pytest
 
 from bigr_jax import config_lib, parallel
 from bigr_jax.models import bigr
-from bigr_jax.train import data_feed, generator, metrics as metrics_lib
+from bigr_jax.train import checkpoints, data_feed, generator, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,8 +109,9 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  state = generator.train_and_evaluate(config, str(tmp_path), batches=batches())
-  stopped_at = int(state.step)
+  with pytest.raises(checkpoints.Preempted) as preempted:
+    generator.train_and_evaluate(config, str(tmp_path), batches=batches())
+  stopped_at = preempted.value.step
   assert 3 < stopped_at < 50
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == stopped_at
 

@@ -68,6 +68,14 @@ def load_config_dict(workdir) -> Optional[dict]:
   return json.loads(path.read_text()) if path.exists() else None
 
 
+class Preempted(Exception):
+  """Raised after the checkpoint of a preempted run is written: rerun the same command to resume."""
+
+  def __init__(self, step: int, directory):
+    super().__init__(f"preempted: step {step} is saved in {directory}; rerun the same command to resume")
+    self.step = step
+
+
 class PreemptionFlag:
   """Set by SIGTERM (how TPU VMs announce preemption); the loop checkpoints and exits when it sees it."""
 

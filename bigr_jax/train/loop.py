@@ -1,6 +1,5 @@
 """The training loop shared by the generator and tokenizer trainers: resume, steps, metrics, checkpoints."""
 
-import logging
 import pathlib
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -33,7 +32,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
 
   `train_step(state, global_batch, key) -> (state, metrics)` must report a scalar "loss". Metrics are
   fetched one step late so the host never waits on the device; a non-finite loss stops the run before a
-  checkpoint of that state is written. SIGTERM (preemption) checkpoints and returns.
+  checkpoint of that state is written. SIGTERM (preemption) checkpoints and raises `checkpoints.Preempted`.
   """
   if str(workdir).startswith(("gs://", "s3://")):
     raise ValueError(f"workdir {workdir}: use a local path; on a pod, mount the bucket at the same path on every "
@@ -89,8 +88,8 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
             pending = None
           ckpt.save(done, state, feed.checkpointable, force=stop)
         if stop:
-          logging.warning("preempted: saved step %d, exiting", done)
-          break
+          ckpt.wait()
+          raise checkpoints.Preempted(done, ckpt.directory)
   finally:
     ckpt.close()
     writer.close()
