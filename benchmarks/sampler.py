@@ -12,6 +12,7 @@ every setting instead.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -113,11 +114,12 @@ def bench_original(name: str, num_iters, batch: int, infer_steps: int, cfg_scale
   cfg = _config(name, infer_steps)
   torch.manual_seed(0)
   np.random.seed(0)
-  model = gpt.Transformer(gpt.ModelArgs(
-      dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, num_block_mlp=cfg.num_block_mlp,
-      denoise_hidden_dim=cfg.denoise_hidden_dim, binary_size=cfg.binary_size, num_classes=cfg.num_classes,
-      block_size=cfg.block_size, seq_len=cfg.seq_len, p_flip=True, focal=0.0, use_adaLN=True,
-      infer_steps=infer_steps, resid_dropout_p=0.0, ffn_dropout_p=0.0, token_dropout_p=0.0)).eval()
+  with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout is for the JSON line
+    model = gpt.Transformer(gpt.ModelArgs(
+        dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, num_block_mlp=cfg.num_block_mlp,
+        denoise_hidden_dim=cfg.denoise_hidden_dim, binary_size=cfg.binary_size, num_classes=cfg.num_classes,
+        block_size=cfg.block_size, seq_len=cfg.seq_len, p_flip=True, focal=0.0, use_adaLN=True,
+        infer_steps=infer_steps, resid_dropout_p=0.0, ffn_dropout_p=0.0, token_dropout_p=0.0)).eval()
   sample = model.diffusion_processor.sample
   in_transcoder = [0.0]
 

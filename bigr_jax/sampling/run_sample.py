@@ -1,5 +1,6 @@
 """`--mode=sample`: class-conditional images from a trained (or converted) generator, as PNG grids and .npz."""
 
+import functools
 import json
 import pathlib
 import time
@@ -20,13 +21,17 @@ def sampler_config(sample_config) -> sampler.SamplerConfig:
   return sampler.SamplerConfig(**fields)
 
 
+@functools.lru_cache(maxsize=8)
+def _decoder(model_config: tokenizer_lib.TokenizerConfig):
+  return jax.jit(lambda p, b: tokenizer_lib.BinaryAutoEncoder(model_config).apply(
+      {"params": p}, b, method=tokenizer_lib.BinaryAutoEncoder.decode))
+
+
 def decode_bits(model_config: tokenizer_lib.TokenizerConfig, params, bits) -> np.ndarray:
   """Generator bits (B, N, K), row-major tokens -> images (B, H, W, 3) in [0, 1] through the B-AE decoder."""
   grid = int(round(bits.shape[1] ** 0.5))
   latent = jnp.asarray(bits, jnp.float32).reshape(bits.shape[0], grid, grid, bits.shape[-1])
-  decode = jax.jit(lambda p, b: tokenizer_lib.BinaryAutoEncoder(model_config).apply(
-      {"params": p}, b, method=tokenizer_lib.BinaryAutoEncoder.decode))
-  return np.clip(np.asarray(decode(params, latent)), 0.0, 1.0)
+  return np.clip(np.asarray(_decoder(model_config)(params, latent)), 0.0, 1.0)
 
 
 def generate_images(gen_config: GeneratorConfig, gen_params, tok_config, tok_params, labels, sample_config, seed,

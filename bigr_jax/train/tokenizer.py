@@ -118,19 +118,7 @@ class TokenizerTrainer:
       return -jnp.mean(logits)
 
     (nll, (l1, perceptual)), d_nll = jax.value_and_grad(nll_of, has_aux=True)(recon)
-    g_loss, d_g = jax.value_and_grad(g_of)(recon)
     grads_nll = pullback((d_nll, jnp.ones_like(extra)))[0]
-    grads_g = pullback((d_g, jnp.zeros_like(extra)))[0]
-    path = _last_decoder_kernel(state.params)
-    ratio = jnp.linalg.norm(_get(grads_nll, path)) / (jnp.linalg.norm(_get(grads_g, path)) + 1e-4)
-    adaptive = jnp.where(gan_on, jnp.clip(ratio, 0.0, loss_cfg.disc_weight_max), 0.0)
-    grads = jax.tree_util.tree_map(lambda a, b: a + adaptive * b, grads_nll, grads_g)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
-    ema = jax.lax.cond(step % cfg.ema_every == 0,
-                       lambda: state_lib.ema_update(state.ema_params, params, cfg.ema_decay),
-                       lambda: state.ema_params)
 
     def d_loss_fn(disc_params):
       both = jnp.concatenate([images, jax.lax.stop_gradient(recon)])
@@ -139,14 +127,31 @@ class TokenizerTrainer:
       real, fake = jnp.split(logits, 2)
       return hinge_d_loss(real, fake), updated["batch_stats"]
 
-    (d_loss, disc_stats), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.disc_params)
-    d_updates, disc_opt_state = self.disc_optimizer.update(d_grads, state.disc_opt_state, state.disc_params)
-    keep_old = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(gan_on, n, o), new, old)  # noqa
-    new_state = TokenizerState(
-        step=step, params=params, ema_params=ema, opt_state=opt_state,
-        disc_params=keep_old(optax.apply_updates(state.disc_params, d_updates), state.disc_params),
-        disc_stats=keep_old(disc_stats, state.disc_stats),
-        disc_opt_state=keep_old(disc_opt_state, state.disc_opt_state))
+    def with_gan():
+      g_loss, d_g = jax.value_and_grad(g_of)(recon)
+      grads_g = pullback((d_g, jnp.zeros_like(extra)))[0]
+      path = _last_decoder_kernel(state.params)
+      ratio = jnp.linalg.norm(_get(grads_nll, path)) / (jnp.linalg.norm(_get(grads_g, path)) + 1e-4)
+      adaptive = jnp.clip(ratio, 0.0, loss_cfg.disc_weight_max)
+      grads = jax.tree_util.tree_map(lambda a, b: a + adaptive * b, grads_nll, grads_g)
+      (d_loss, disc_stats), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.disc_params)
+      d_updates, disc_opt_state = self.disc_optimizer.update(d_grads, state.disc_opt_state, state.disc_params)
+      disc = (optax.apply_updates(state.disc_params, d_updates), disc_stats, disc_opt_state)
+      return grads, disc, (g_loss, d_loss, adaptive)
+
+    def without_gan():  # before disc_start_step: no discriminator work at all
+      zero = jnp.zeros((), jnp.float32)
+      return grads_nll, (state.disc_params, state.disc_stats, state.disc_opt_state), (zero, zero, zero)
+
+    grads, disc, (g_loss, d_loss, adaptive) = jax.lax.cond(gan_on, with_gan, without_gan)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    ema = jax.lax.cond(step % cfg.ema_every == 0,
+                       lambda: state_lib.ema_update(state.ema_params, params, cfg.ema_decay),
+                       lambda: state.ema_params)
+    new_state = TokenizerState(step=step, params=params, ema_params=ema, opt_state=opt_state,
+                               disc_params=disc[0], disc_stats=disc[1], disc_opt_state=disc[2])
     loss = nll + extra + adaptive * g_loss
     metrics = {"loss": loss, "l1": l1, "perceptual": perceptual, "g_loss": g_loss, "d_loss": d_loss,
                "adaptive_weight": adaptive, "psnr": _psnr(images, recon)}
