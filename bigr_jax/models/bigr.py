@@ -9,7 +9,8 @@ import numpy as np
 
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.models.transcoder import DenoiseMLP, linear_schedule, masked_token_mean, weighted_bce
-from bigr_jax.models.transformer import RMSNorm, Trunk, dense, dense_init, param_with_axes, rope_2d_table
+from bigr_jax.models.transformer import (RMSNorm, Trunk, dense, dense_init, param_with_axes, rope_2d_table,
+                                         shard_tokens)
 
 
 def cosine_mask_count(key, num_tokens: int):
@@ -62,7 +63,7 @@ class BiGR(nn.Module):
     tokens = self.tok_embeddings(bits.astype(cfg.compute_dtype))
     if token_mask is not None:
       tokens = jnp.where(token_mask[..., None], self.mask_tok.astype(tokens.dtype), tokens)
-    h = jnp.concatenate([cond[:, None, :].astype(tokens.dtype), tokens], axis=1)
+    h = shard_tokens(jnp.concatenate([cond[:, None, :].astype(tokens.dtype), tokens], axis=1))
     if not deterministic and cfg.token_dropout_p > 0:
       keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - cfg.token_dropout_p, h.shape)
       h = jnp.where(keep, h / (1 - cfg.token_dropout_p), 0).astype(h.dtype)
@@ -76,7 +77,7 @@ class BiGR(nn.Module):
     cond = self.class_embedding(labels, label_weights)
     h, _ = self._run_trunk(bits, cond, token_mask, deterministic)
     out = self.norm(h).astype(jnp.float32)[:, self.config.cls_token_num:]
-    return out + self.diffusion_pos_embed_learned
+    return shard_tokens(out + self.diffusion_pos_embed_learned)
 
   def denoise(self, x_t, t_minus_1, cond):
     """Flip logits (R, K) from noisy bits x_t (R, K), timesteps t - 1 (R,) and conditions (R, dim)."""
@@ -136,7 +137,9 @@ class BiGR(nn.Module):
     t = jax.random.randint(t_key, (z0.shape[0],), 1, cfg.n_sample_steps + 1)
     probs = jnp.asarray(schedule["k_final"])[t][:, None] * z0 + jnp.asarray(schedule["b_final"])[t][:, None]
     x_t = jax.random.bernoulli(noise_key, probs).astype(jnp.float32)
-    logits = self.denoise(x_t, t - 1, cond.reshape(-1, cfg.dim))
+    # Rows are (sample, token) pairs, batch-major: they stay split over the batch axes.
+    x_t = shard_tokens(x_t)
+    logits = shard_tokens(self.denoise(x_t, t - 1, shard_tokens(cond.reshape(-1, cfg.dim))))
     target = jnp.logical_xor(z0 > 0.5, x_t > 0.5).astype(jnp.float32) if cfg.p_flip else z0
     per_bit = weighted_bce(logits, target, cfg.focal, cfg.alpha)
     loss = masked_token_mean(per_bit, token_mask)

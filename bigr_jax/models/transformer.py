@@ -44,6 +44,12 @@ def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
   return out.reshape(x.shape).astype(x.dtype)
 
 
+def shard_tokens(x):
+  """Keeps activations (B, ..., dim) split over the batch axes; without this, FSDP-sharded weights can make
+  XLA gather whole-batch activations on every device. A no-op outside `nn.logical_axis_rules`."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
@@ -125,9 +131,9 @@ class Block(nn.Module):
       mod = (adaln + ada_gss).astype(dtype)  # (B, 1, 6, dim)
       shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (mod[:, :, i] for i in range(6))
       h = x + gate_a * attention(attn_norm(x) * (1 + scale_a) + shift_a, rope_table)
-      return h + gate_f * feed_forward(ffn_norm(h) * (1 + scale_f) + shift_f)
+      return shard_tokens(h + gate_f * feed_forward(ffn_norm(h) * (1 + scale_f) + shift_f))
     h = x + attention(attn_norm(x), rope_table)
-    return h + feed_forward(ffn_norm(h))
+    return shard_tokens(h + feed_forward(ffn_norm(h)))
 
 
 REMAT_POLICIES = {

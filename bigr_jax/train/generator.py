@@ -45,8 +45,9 @@ class GeneratorTrainer:
     rngs = dict(zip(("mask", "diffusion", "label_drop", "dropout"), jax.random.split(key, 4)))
 
     def loss_fn(params):
-      return self.model.apply({"params": params}, batch["bits"], batch["label"], deterministic=False,
-                              rngs=rngs, method=bigr.BiGR.loss)
+      with nn.logical_axis_rules(self.rules):  # activates the models' activation sharding constraints
+          return self.model.apply({"params": params}, batch["bits"], batch["label"], deterministic=False,
+                                rngs=rngs, method=bigr.BiGR.loss)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
