@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from bigr_jax.data.transforms import center_crop_arr
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling.sampler import SampleOutput, SamplerConfig, check_labels, complete, generate
 
@@ -25,17 +26,6 @@ INTERPOLATE_CONFIG = SamplerConfig(num_iter=20, cfg_scale=2.5, gumbel_temp=0.0, 
 ENRICH_CONFIG = SamplerConfig(num_iter=20, cfg_scale=1.0, gumbel_temp=0.0, mask_schedule="linear")
 # apps/interpolate.py: weight of the first class; the second gets 1 - weight.
 INTERPOLATION_WEIGHTS = tuple([0.0, 0.1, 0.2] + np.linspace(0.3, 0.7, 21).tolist() + [0.8, 0.9, 1.0])
-
-
-def _center_crop(image, image_size: int):
-  """ADM's center crop (box halvings, bicubic resize, crop), as the original applies it to the mask."""
-  while min(*image.size) >= 2 * image_size:
-    image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-  scale = image_size / min(*image.size)
-  image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-  arr = np.array(image)
-  top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-  return arr[top:top + image_size, left:left + image_size]
 
 
 def mask_from_image(image, grid_size: int = 16, image_size: int = 256) -> np.ndarray:
@@ -50,7 +40,7 @@ def mask_from_image(image, grid_size: int = 16, image_size: int = 256) -> np.nda
     image = Image.open(image)
   if image.mode in ("1", "P"):  # bicubic needs 8 bits; palette indices are not brightness
     image = image.convert("L" if image.mode == "1" else "RGB")
-  arr = _center_crop(image, image_size)
+  arr = center_crop_arr(image, image_size)  # as apps/inpaint.py crops the mask
   if arr.ndim == 3:
     arr = arr[..., 0]
   height, width = arr.shape
