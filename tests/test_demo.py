@@ -12,7 +12,7 @@ def test_demo_end_to_end_through_main(tmp_path):
   workdir = tmp_path / "demo"
   result = subprocess.run(
       [sys.executable, "-m", "bigr_jax.main", "--config=configs/demo.py:quick", f"--workdir={workdir}",
-       "--config.generator.optim.lr=2e-3"],
+       "--config.generator.ema_decay=0.9"],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   summary = json.loads((workdir / "demo.json").read_text())

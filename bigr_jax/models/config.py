@@ -120,12 +120,16 @@ def from_model_args(model_args, **overrides) -> GeneratorConfig:
     model_args = ast.literal_eval(model_args)
   known = {f.name for f in dataclasses.fields(GeneratorConfig)}
   ignored = {"caption_dim", "max_seq_len", "max_batch_size", "quant_size", "mask_ratio_min", "mask_ratio_max",
-             "mask_ratio_mu", "mask_ratio_std", "smoothing", "gen_iter", "n_repeat", "aux", "drop_path_rate"}
+             "mask_ratio_mu", "mask_ratio_std", "smoothing", "gen_iter"}  # unused by the original's code
+  unsupported = {"n_repeat": 1, "aux": 0.0, "drop_path_rate": 0.0}  # every release uses these values
   kwargs = {}
   for key, value in dict(model_args).items():
     key = _FIELD_ALIASES.get(key, key)
     if key in known:
       kwargs[key] = value
+    elif key in unsupported:
+      if value != unsupported[key]:
+        raise ValueError(f"{key}={value} is not supported (only {unsupported[key]}, as in every released model)")
     elif key not in ignored:
       raise ValueError(f"unknown generator field {key!r} in {model_args}")
   if "block_size" in kwargs and "seq_len" not in kwargs:
