@@ -16,11 +16,8 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
-import types
 
 import flax.linen as nn
 import jax
@@ -30,6 +27,7 @@ import numpy as np
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
 from bigr_jax.sampling import sampler
+import original_code  # benchmarks/original_code.py (scripts run from their folder)
 
 CONFIGS = {
     "tiny": dict(dim=64, n_layer=2, n_head=4, denoise_hidden_dim=64, num_block_mlp=2, binary_size=16,
@@ -39,9 +37,6 @@ CONFIGS = {
 }
 COMMON = dict(binary_size=24, block_size=256, seq_len=256, p_flip=True, focal=0.0, use_adaLN=True,
               resid_dropout_p=0.0, ffn_dropout_p=0.0, token_dropout_p=0.0)
-ORIGINAL_FILES = ("llama/gpt.py", "llama/bindiff/binarylatent.py", "llama/drop_path.py")
-
-
 def _config(name: str, infer_steps: int) -> GeneratorConfig:
   return GeneratorConfig(**{**COMMON, **CONFIGS[name], "infer_steps": infer_steps})
 
@@ -90,27 +85,10 @@ def bench_jax(name: str, num_iters, batch: int, infer_steps: int, cfg_scale: flo
   return dict(config=CONFIGS[name], trunk_pass_s=round(trunk_s, 3), runs=runs)
 
 
-def _load_original(repo: str):
-  """Imports the original `llama.gpt` from a temp copy of the mirror, with torchvision stubbed."""
-  root = tempfile.mkdtemp(prefix="bigr_original_")
-  for path in ORIGINAL_FILES:
-    text = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], check=True, capture_output=True,
-                          text=True).stdout
-    os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
-    with open(os.path.join(root, path), "w") as f:
-      f.write(text)
-  for package in ("llama", "llama/bindiff"):
-    open(os.path.join(root, package, "__init__.py"), "a").close()
-  sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))
-  sys.path.insert(0, root)
-  from llama import gpt  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  return gpt
-
-
 def bench_original(name: str, num_iters, batch: int, infer_steps: int, cfg_scale: float, repo: str,
                    full: bool) -> dict:
   import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  gpt = _load_original(repo)
+  gpt = original_code.load_original(repo)
   cfg = _config(name, infer_steps)
   torch.manual_seed(0)
   np.random.seed(0)

@@ -19,11 +19,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +32,7 @@ from bigr_jax.config_lib import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
 from bigr_jax.train.generator import GeneratorTrainer
+import original_code  # benchmarks/original_code.py (scripts run from their folder)
 
 CONFIGS = {
     "tiny": dict(dim=64, n_layer=2, n_head=4, denoise_hidden_dim=64, num_block_mlp=2, binary_size=16,
@@ -44,9 +42,6 @@ CONFIGS = {
 }
 COMMON = dict(binary_size=24, block_size=256, seq_len=256, dtype="float32")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
-ORIGINAL_FILES = ("llama/gpt.py", "llama/bindiff/binarylatent.py", "llama/drop_path.py")
-
-
 def log(*args):
   print("#", *args, file=sys.stderr, flush=True)
 
@@ -145,28 +140,11 @@ def bench_jax(name: str, args) -> dict:
   return result
 
 
-def load_original(repo: str):
-  """Imports the original `llama.gpt` from a temp copy of the mirror, with torchvision stubbed."""
-  root = tempfile.mkdtemp(prefix="bigr_original_")
-  for path in ORIGINAL_FILES:
-    text = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], check=True, capture_output=True,
-                          text=True).stdout
-    os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
-    with open(os.path.join(root, path), "w") as f:
-      f.write(text)
-  for package in ("llama", "llama/bindiff"):
-    open(os.path.join(root, package, "__init__.py"), "a").close()
-  sys.modules.setdefault("torchvision", types.ModuleType("torchvision"))
-  sys.path.insert(0, root)
-  from llama import gpt  # pylint: disable=import-outside-toplevel
-  return gpt
-
-
 def bench_original(name: str, args) -> dict:
   import contextlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  gpt = load_original(args.original_repo)
+  gpt = original_code.load_original(args.original_repo)
   cfg = model_config(name, args.layers)
   torch.manual_seed(0)
   with contextlib.redirect_stdout(io.StringIO()):  # it prints "We are using adaLN!"

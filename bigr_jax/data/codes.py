@@ -38,7 +38,7 @@ CODES_FLIPPED_FILE = "codes_flipped.npy"
 LABELS_FILE = "labels.npy"
 
 
-def _write_json_atomic(path: str, obj: dict[str, Any]) -> None:
+def write_json_atomic(path: str, obj: dict[str, Any]) -> None:
   tmp = f"{path}.tmp.{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
@@ -129,7 +129,7 @@ class CodesWriter:
   def _commit(self) -> None:
     for arr in self._arrays.values():
       arr.flush()
-    _write_json_atomic(os.path.join(self.directory, META_FILE), {**self._meta, "count": self.count})
+    write_json_atomic(os.path.join(self.directory, META_FILE), {**self._meta, "count": self.count})
 
   def _encode(self, codes: np.ndarray, what: str) -> np.ndarray:
     codes = _check_bits(codes, what)

@@ -34,6 +34,7 @@ import numpy as np
 
 from bigr_jax import parallel
 from bigr_jax.models import bigr
+from bigr_jax.data.codes import write_json_atomic
 from bigr_jax.models.config import GeneratorConfig
 
 FORMAT_NAME = "bigr_jax_features"
@@ -153,15 +154,6 @@ def batches_from_source(source, batch_size: int, *, start: int = 0, process_inde
            "label": np.asarray([r["label"] for r in records], np.int32), "valid": valid}
 
 
-def _write_json_atomic(path: str, obj: Mapping[str, Any]) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _save_npy_atomic(path: str, array: np.ndarray) -> None:
   tmp = f"{path}.tmp.{os.getpid()}.npy"
   np.save(tmp, array)
@@ -242,7 +234,7 @@ def write_features(extractor: FeatureExtractor,
 
   is_writer = jax.process_index() == 0
   if is_writer:
-    _write_json_atomic(os.path.join(directory, PROGRESS_FILE), progress)
+    write_json_atomic(os.path.join(directory, PROGRESS_FILE), progress)
   batch_size = progress["batch_size"]
   pending_features, pending_labels = [], []
   started, last_log, done_here = time.perf_counter(), time.perf_counter(), 0
@@ -260,7 +252,7 @@ def write_features(extractor: FeatureExtractor,
       pending_features, pending_labels = [], []
     progress["done"] = final
     if is_writer:
-      _write_json_atomic(os.path.join(directory, PROGRESS_FILE), progress)
+      write_json_atomic(os.path.join(directory, PROGRESS_FILE), progress)
 
   batches_in_chunk = 0
   for batch in iterator:
