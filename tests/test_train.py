@@ -96,8 +96,9 @@ def test_resume_and_restore_onto_another_mesh(tmp_path):
   config.total_steps = 8
   config.mesh.update(data=8, fsdp=1, tensor=1)  # resumed on a different mesh shape
   moved = generator.train_and_evaluate(config, str(tmp_path / "moved"))
-  # Same tolerance as in test_mesh_and_single_device_agree, for the same reason.
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), jax.device_get(full.params),
+  # As in test_mesh_and_single_device_agree: reduction-order noise, amplified by Adam over 4 steps, stays far
+  # below one step's movement (lr 1e-3).
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), jax.device_get(full.params),
                          jax.device_get(moved.params))
   assert (tmp_path / "moved" / "config.json").exists()
 
