@@ -56,17 +56,19 @@ def load_models(config, workdir):
   """(generator config, EMA params, tokenizer config, tokenizer params) for sampling and editing.
 
   Generator weights: `config.init_from` (converted params) or the workdir's latest EMA params. Tokenizer:
-  `config.tokenizer.config` (a bae_* config file) and `config.tokenizer.checkpoint` (a released .th file, a
-  params directory or a tokenizer workdir).
+  `config.tokenizer.config` (a bae_* config file; or `config.tokenizer.model`, its model fields) and
+  `config.tokenizer.checkpoint` (a released .th file, a params directory or a tokenizer workdir).
   """
   from bigr_jax import config_lib
   from bigr_jax.convert import params_io
   from bigr_jax.train import tokenizer as tokenizer_train
   gen_config = GeneratorConfig(**config.model.to_dict())
-  if not config.tokenizer.get("checkpoint") or not config.tokenizer.get("config"):
+  tok = config.tokenizer
+  if not tok.get("checkpoint") or not (tok.get("config") or tok.get("model")):
     raise ValueError("sampling decodes with a B-AE: set --config.tokenizer.config=configs/bae_d24.py and "
                      "--config.tokenizer.checkpoint=<binaryae .th file, params dir or tokenizer workdir>")
-  tok_config = tokenizer_train.tokenizer_config(config_lib.load_config_file(config.tokenizer.config))
+  # The B-AE architecture: a bae_* config file, or its `model` fields given inline.
+  tok_config = tokenizer_train.tokenizer_config(tok if tok.get("model") else config_lib.load_config_file(tok.config))
   if tok_config.codebook_size != gen_config.binary_size:
     raise ValueError(f"the tokenizer has {tok_config.codebook_size} bits, the generator {gen_config.binary_size}")
   if config.get("init_from"):
