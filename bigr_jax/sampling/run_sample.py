@@ -41,12 +41,14 @@ def generate_images(gen_config: GeneratorConfig, gen_params, tok_config, tok_par
   batch_size = batch_size or len(labels)
   config = sampler_config(sample_config)
   all_bits, all_images = [], []
+  shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
+    padded = np.pad(chunk, (0, -len(chunk) % shards), mode="edge")  # a last batch the mesh cannot split
     key = jax.random.fold_in(jax.random.key(seed), start)
-    out = sampler.generate(gen_config, gen_params, chunk, key, config, mesh=mesh,
+    out = sampler.generate(gen_config, gen_params, padded, key, config, mesh=mesh,
                            batch_axes=parallel.BATCH_AXES if mesh is not None else ("data",))
-    bits = np.asarray(out.bits)
+    bits = np.asarray(out.bits)[:len(chunk)]
     all_bits.append(bits)
     all_images.append(decode_bits(tok_config, tok_params, bits))
   return np.concatenate(all_images), np.concatenate(all_bits)
@@ -146,7 +148,10 @@ def edit_to_workdir(config, workdir: str):
 
 def evaluation_samples(config, workdir: str) -> str:
   """The ADM-layout sample batch to evaluate: `evaluation.sample_batch` if set, else workdir/samples/fid.npz,
-  generated here if missing (`evaluation.num_samples` images, classes in turn, 50 per class for 50k)."""
+  generated here if missing (`evaluation.num_samples` images, classes in turn, 50 per class for 50k).
+
+  Resumable: each batch is kept in samples/fid_parts/ as it is made, and a rerun skips the batches present.
+  """
   from bigr_jax.evaluation import metrics as metrics_lib
   path = config.get("evaluation", {}).get("sample_batch", "")
   if path:
@@ -159,12 +164,17 @@ def evaluation_samples(config, workdir: str) -> str:
   labels = np.arange(num) % gen_config.num_classes
   batch = int(config.sample.get("batch_size", 0) or 64)
   mesh = parallel.make_mesh(config.mesh)
-  images, done = [], 0
+  parts = out.parent / "fid_parts"
+  parts.mkdir(parents=True, exist_ok=True)
   for start in range(0, num, batch):
+    part = parts / f"{start:08d}.npy"
+    if part.exists():
+      continue
     chunk, _ = generate_images(gen_config, gen_params, tok_config, tok_params, labels[start:start + batch],
                                config.sample, config.sample.get("seed", 0) + start, mesh)
-    images.append(images_lib.to_uint8(chunk))
-    done += len(chunk)
-    print(f"evaluation samples: {done}/{num}", flush=True)
-  metrics_lib.write_sample_batch(str(out), np.concatenate(images), labels)
+    np.save(parts / f".{start:08d}.tmp.npy", images_lib.to_uint8(chunk))
+    (parts / f".{start:08d}.tmp.npy").rename(part)  # a part is either whole or absent
+    print(f"evaluation samples: {min(start + batch, num)}/{num}", flush=True)
+  images = np.concatenate([np.load(parts / f"{start:08d}.npy") for start in range(0, num, batch)])
+  metrics_lib.write_sample_batch(str(out), images, labels)
   return str(out)
