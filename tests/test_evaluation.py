@@ -185,18 +185,6 @@ class TorchFIDInception(nn.Module):
     return pool, self.fc(pool), spatial
 
 
-def randomize(model, seed=0):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, m in model.named_modules():
-      if isinstance(m, nn.BatchNorm2d):
-        m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-        m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-        m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-  return model.eval()
-
-
 def _randomize(model, seed=0):
   """Random BatchNorm statistics and affine terms (convs keep torch's random init), eval mode."""
   g = torch.Generator().manual_seed(seed)
