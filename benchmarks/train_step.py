@@ -1,6 +1,6 @@
 """Generator train step on this machine: step time, compiled vs analytic FLOPs, optionally vs the original.
 
-  .venv/bin/python benchmarks/train_step.py                          # tiny and BiGR-L width at 4 layers
+  .venv/bin/python benchmarks/train_step.py                          # runlocal, tiny and BiGR-L width at 4 layers
   .venv/bin/python benchmarks/train_step.py --configs=L-d4 --layers=8 --batch=8
   .venv/bin/python benchmarks/train_step.py --original               # also the original PyTorch step
 
@@ -37,6 +37,9 @@ import original_code  # benchmarks/original_code.py (scripts run from their fold
 CONFIGS = {
     "tiny": dict(dim=64, n_layer=2, n_head=4, denoise_hidden_dim=64, num_block_mlp=2, binary_size=16,
                  num_classes=10),
+    # The `:runlocal` / demo scale: 4x4 tokens (COMMON's 256 tokens do not apply).
+    "runlocal": dict(dim=64, n_layer=2, n_head=4, denoise_hidden_dim=64, num_block_mlp=2, binary_size=16,
+                     num_classes=10, block_size=16, seq_len=16),
     "L-d4": dict(MODEL_SIZES["L"], n_layer=4),  # n_layer follows --layers
     "L": dict(MODEL_SIZES["L"]),
 }
@@ -106,8 +109,9 @@ def bench_jax(name: str, args) -> dict:
   state = trainer.init(jax.random.key(0))
   batch = jax.device_put(random_batch(cfg, args.batch))
   key = jax.random.key(1)
-  state, metrics = compiled(state, batch, key)  # warm-up
-  jax.block_until_ready(metrics)
+  for _ in range(3):  # warm-up: the first steps also pay for allocation and page faults
+    state, metrics = compiled(state, batch, key)
+    jax.block_until_ready(metrics)
   walls, cpus = [], []
   for _ in range(args.repeats):
     wall, cpu = time.perf_counter(), time.process_time()
@@ -196,7 +200,7 @@ def bench_original(name: str, args) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default="tiny,L-d4", help=f"comma-separated, of {sorted(CONFIGS)}")
+  parser.add_argument("--configs", default="runlocal,tiny,L-d4", help=f"comma-separated, of {sorted(CONFIGS)}")
   parser.add_argument("--layers", type=int, default=4, help="depth of L-d4")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)")

@@ -26,9 +26,21 @@ DEFAULT_RULES = (
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins the other hosts of a multi-host slice (TPU pods set this up from the environment)."""
-  multi_host = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS"))
-  if multi_host and not jax.distributed.is_initialized():
+  """Joins the other processes of a multi-host run, before anything touches the devices.
+
+  TPU pod slices (and SLURM) are detected by JAX itself. Elsewhere (GPU hosts, or several CPU processes on one
+  machine) set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on
+  every process.
+  """
+  if jax.distributed.is_initialized():
+    return
+  if "JAX_NUM_PROCESSES" in os.environ:
+    missing = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") if k not in os.environ]
+    if missing:
+      raise ValueError(f"JAX_NUM_PROCESSES is set but {', '.join(missing)} is not: set all three on every process")
+    jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")):
     jax.distributed.initialize()
 
 

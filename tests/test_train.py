@@ -103,6 +103,18 @@ def test_resume_and_restore_onto_another_mesh(tmp_path):
   assert (tmp_path / "moved" / "config.json").exists()
 
 
+def test_logged_metrics_average_the_steps_since_the_last_report():
+  averages = metrics_lib.ScalarAverages()
+  rng = np.random.default_rng(0)
+  steps = [{"loss": np.float32(rng.random()), "bit_accuracy": np.float32(rng.random())} for _ in range(5)]
+  for values in steps:
+    averages.add(values)
+  assert averages.pop() == pytest.approx({k: np.mean([s[k] for s in steps]) for k in steps[0]}, rel=1e-6)
+  averages.add(steps[0])
+  assert averages.pop() == pytest.approx(steps[0])  # a new window after each report
+  assert averages.pop() == {}
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path):
   config = tiny_config()
   config.total_steps = 50

@@ -77,12 +77,16 @@ class Preempted(Exception):
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (how TPU VMs announce preemption); the loop checkpoints and exits when it sees it."""
+  """Set by SIGTERM (how TPU VMs announce preemption); the loop checkpoints and exits when it sees it.
+
+  Single-process runs only: with several processes every host must stop at the same step, which JAX's
+  distributed runtime coordinates (`CheckpointManager.reached_preemption`), so no handler is installed.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):

@@ -53,14 +53,14 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   progress = metrics_lib.Progress(steps, config.batch_size, flops_per_image, config.get("peak_flops_per_device", 0.0))
   preempted = checkpoints.PreemptionFlag()
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  pending, history = None, []
+  pending, averages = None, metrics_lib.ScalarAverages()
 
   def fetch(step, step_metrics):
     values = jax.device_get(step_metrics)
     if not np.isfinite(values["loss"]):
       raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint is "
                                f"step {ckpt.latest_step()} in {ckpt.directory}. Lower the lr or check the data.")
-    history.append(values)
+    averages.add(values)
 
   try:
     with jax.set_mesh(mesh):
@@ -74,8 +74,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
         if done % config.log_every == 0 or done == steps:
           fetch(*pending)
           pending = None
-          scalars = {**metrics_lib.mean_metrics(history), **progress.measure(done)}
-          history = []
+          scalars = {**averages.pop(), **progress.measure(done)}
           writer.write(done, scalars)
           if jax.process_index() == 0:
             print(metrics_lib.format_line(done, steps, scalars), flush=True)

@@ -5,7 +5,9 @@ import pathlib
 import time
 from typing import Mapping, Optional
 
+from clu import metrics as clu_metrics
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -80,7 +82,24 @@ def format_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
   return " | ".join(parts)
 
 
-def mean_metrics(history) -> dict:
-  """Averages a list of per-step metric dicts (numpy scalars)."""
-  keys = history[0].keys()
-  return {k: float(np.mean([h[k] for h in history])) for k in keys}
+class ScalarAverages:
+  """Averages each reported scalar over the steps since the last `pop`, as `clu.metrics.Average`s.
+
+  Values arrive already fetched to the host; the arithmetic runs on the CPU backend so that it never queues
+  work on the accelerators between train steps.
+  """
+
+  def __init__(self):
+    self._host = jax.local_devices(backend="cpu")[0]
+    self._window: Optional[dict] = None
+
+  def add(self, values: Mapping[str, np.ndarray]) -> None:
+    with jax.default_device(self._host):
+      step = {k: clu_metrics.Average.from_model_output(jnp.asarray(v, jnp.float32)) for k, v in values.items()}
+      self._window = step if self._window is None else {k: self._window[k].merge(step[k]) for k in self._window}
+
+  def pop(self) -> dict:
+    """The averages since the last pop (empty if nothing was added); starts a new window."""
+    window, self._window = self._window or {}, None
+    with jax.default_device(self._host):
+      return {k: float(metric.compute()) for k, metric in window.items()}
