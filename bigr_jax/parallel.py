@@ -109,6 +109,26 @@ def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
   return global_batch_size // jax.process_count()
 
 
+class MeshJit:
+  """`jax.jit(fn)` that is always traced, lowered and run under `jax.set_mesh(mesh)`.
+
+  Flax's activation sharding constraints (`nn.with_logical_constraint`) are silently dropped when no mesh is
+  set while tracing; this keeps them on however the step is called (`step(...)` or `step.lower(...)`).
+  """
+
+  def __init__(self, fn, mesh: Mesh, **jit_kwargs):
+    self.mesh = mesh
+    self._jitted = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self._jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self._jitted.lower(*args)
+
+
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy arrays (split along the batch axis) -> global jax arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))

@@ -53,6 +53,26 @@ def test_mesh_and_single_device_agree():
   assert wqkv.shape[0] == config.model.n_layer  # scanned layout: stacked over layers
 
 
+def test_activations_stay_split_over_the_batch_axes():
+  """The activation constraints hold however the step is lowered: without them (batch rule unsharded) every
+  device would hold the whole batch's activations."""
+  def temp_bytes(rules):
+    config = tiny_config(data=1, fsdp=8, tensor=1)
+    config.batch_size = 64
+    config.logical_axis_rules = rules
+    mesh = parallel.make_mesh(config.mesh)
+    trainer = generator.GeneratorTrainer(config, mesh, total_steps=10)
+    model = trainer.model_config
+    batch = {"bits": jax.ShapeDtypeStruct((64, model.seq_len, model.binary_size), np.float32,
+                                          sharding=parallel.batch_sharding(mesh, 3)),
+             "label": jax.ShapeDtypeStruct((64,), np.int32, sharding=parallel.batch_sharding(mesh, 1))}
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch, jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  unsharded = [[name, None if name == "batch" else axes] for name, axes in parallel.DEFAULT_RULES]
+  assert 3 * temp_bytes(()) < temp_bytes(unsharded)
+
+
 def test_training_learns_the_classes():
   config = tiny_config(data=1, fsdp=1, tensor=1)
   config.optim.lr = 3e-3

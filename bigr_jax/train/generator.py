@@ -30,8 +30,9 @@ class GeneratorTrainer:
     self.optimizer = state_lib.make_optimizer(config.optim, total_steps, decay_mask)
 
     self.init, self.state_shardings, self.abstract_state = state_lib.sharded_init(self._init_boxed, mesh, self.rules)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None, None),
-                              out_shardings=(self.state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+    self.train_step = parallel.MeshJit(self._train_step, mesh, in_shardings=(self.state_shardings, None, None),
+                                       out_shardings=(self.state_shardings, parallel.replicated(mesh)),
+                                       donate_argnums=0)
 
   def _init_boxed(self, key):
     params = self.model.init({"params": key}, *bigr.init_inputs(self.model_config))["params"]
