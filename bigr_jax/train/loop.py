@@ -1,5 +1,6 @@
 """The training loop shared by the generator and tokenizer trainers: resume, steps, metrics, checkpoints."""
 
+import itertools
 import pathlib
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -23,6 +24,19 @@ def total_steps(config, num_examples: Optional[int]) -> int:
   if config.get("num_epochs") and num_examples:
     return int(np.ceil(config.num_epochs * num_examples / config.batch_size))
   raise ValueError("set config.total_steps, or config.num_epochs with a dataset of known size")
+
+
+_barriers = itertools.count()
+
+
+def _compile_then_meet(train_step, state, batch, key):
+  """Compiles the step, then waits until every process has: hosts compile at different speeds, and a
+  collective whose peers are still compiling may time out (CPU collectives wait only 30 s)."""
+  compiled = train_step.lower(state, batch, key).compile()
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  distributed.global_state.client.wait_at_barrier(f"bigr_jax_compiled_{next(_barriers)}",
+                                                  timeout_in_ms=60 * 60 * 1000)
+  return compiled
 
 
 def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any], abstract_state: Any,
@@ -66,6 +80,8 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     with jax.set_mesh(mesh):
       for step in range(start, steps):
         batch = parallel.to_global(next(feed.iterator), mesh)
+        if step == start and jax.process_count() > 1:
+          train_step = _compile_then_meet(train_step, state, batch, train_key)
         state, step_metrics = train_step(state, batch, train_key)
         if pending is not None:
           fetch(*pending)
