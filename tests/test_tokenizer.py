@@ -21,8 +21,8 @@ from bigr_jax.models.lpips import LPIPS, VGG16_CONVS
 
 TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Key/shape dumps of the original modules, when the shared reference is checked out beside the repo.
-STATE_DICT_DUMPS = ROOT.parent / "shared" / "reference" / "state_dicts"
+# Key/shape dumps of the original modules (copied from the reference into the fixtures).
+STATE_DICT_DUMPS = ROOT / "tests" / "fixtures" / "state_dicts"
 
 # A tiny model with per-level attention (levels at 16 and 8 px), and one where only the mid blocks attend.
 TINY = tokenizer.TokenizerConfig(codebook_size=8, img_size=16, nf=32, ch_mult=(1, 2), res_blocks=1,
@@ -274,8 +274,6 @@ def test_param_counts_of_released_models():
                                               ("bae_d32_512", "bae_d32_512")])
 def test_keys_match_dumps_of_the_original(name, config_name):
   dump = STATE_DICT_DUMPS / f"{name}.txt"
-  if not dump.exists():
-    pytest.skip(f"no state-dict dump at {dump}")
   rows = [line.split("\t") for line in dump.read_text().splitlines() if line and not line.startswith("#")]
   config = tokenizer.TokenizerConfig(**_load_config_file(config_name)().model.to_dict())
   want = [(key, shape) for key, shape, *_ in rows]
