@@ -56,7 +56,6 @@ def collectives(hlo_text: str) -> dict:
 def compile_one(name: str, num_devices: int, per_device_batch: int) -> dict:
   """Lowers and compiles one model's train step on the fake mesh; nothing is allocated."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from bigr_jax import parallel  # pylint: disable=import-outside-toplevel
   from bigr_jax.config_lib import load_config_file  # pylint: disable=import-outside-toplevel
@@ -69,11 +68,7 @@ def compile_one(name: str, num_devices: int, per_device_batch: int) -> dict:
   start = time.perf_counter()
   trainer = GeneratorTrainer(config, mesh, total_steps=1000)
   model = trainer.model_config
-  abstract_batch = {
-      "bits": jax.ShapeDtypeStruct((batch, model.seq_len, model.binary_size), jnp.float32,
-                                   sharding=parallel.batch_sharding(mesh, 3)),
-      "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1))}
-  lowered = trainer.train_step.lower(trainer.abstract_state, abstract_batch, jax.random.key(0))
+  lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), jax.random.key(0))
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()

@@ -23,7 +23,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -64,12 +63,8 @@ def make_trainer(cfg: GeneratorConfig) -> GeneratorTrainer:
   return GeneratorTrainer(config, parallel.make_mesh(config.mesh, jax.devices()[:1]), total_steps=1000)
 
 
-def abstract_batch(cfg: GeneratorConfig, batch: int) -> dict:
-  return {"bits": jax.ShapeDtypeStruct((batch, cfg.seq_len, cfg.binary_size), jnp.float32),
-          "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-
-
-def random_batch(cfg: GeneratorConfig, batch: int, seed: int = 0) -> dict:
+def random_batch(cfg, batch: int, seed: int = 0) -> dict:
+  """Random codes and labels for a model config (a GeneratorConfig or a config's `model` fields)."""
   rng = np.random.default_rng(seed)
   return {"bits": rng.integers(0, 2, (batch, cfg.seq_len, cfg.binary_size)).astype(np.float32),
           "label": rng.integers(0, cfg.num_classes, (batch,)).astype(np.int32)}
@@ -92,7 +87,7 @@ def analytic_terms(cfg: GeneratorConfig) -> dict:
 def compiled_flops(cfg: GeneratorConfig, batch: int) -> tuple:
   trainer = make_trainer(cfg)
   start = time.perf_counter()
-  compiled = trainer.train_step.lower(trainer.abstract_state, abstract_batch(cfg, batch), jax.random.key(0)).compile()
+  compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), jax.random.key(0)).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]), time.perf_counter() - start
@@ -102,7 +97,7 @@ def bench_jax(name: str, args) -> dict:
   cfg = model_config(name, args.layers, scan_layers=not args.unrolled)
   trainer = make_trainer(cfg)
   start = time.perf_counter()
-  compiled = trainer.train_step.lower(trainer.abstract_state, abstract_batch(cfg, args.batch),
+  compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(args.batch),
                                      jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start
   log(f"jax {name}: compiled in {compile_s:.1f} s")

@@ -18,12 +18,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from bigr_jax import parallel
 from bigr_jax.config_lib import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.train.generator import GeneratorTrainer
+from train_step import random_batch  # benchmarks/train_step.py (scripts run from their folder)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 
@@ -45,19 +45,12 @@ def train_config(name: str, args):
   return config
 
 
-def host_batches(config, batch: int, count: int):
-  rng = np.random.default_rng(0)
-  model = config.model
-  return [{"bits": rng.integers(0, 2, (batch, model.seq_len, model.binary_size)).astype(np.float32),
-           "label": rng.integers(0, model.num_classes, (batch,)).astype(np.int32)} for _ in range(count)]
-
-
 def bench(name: str, args) -> dict:
   config = train_config(name, args)
   mesh = parallel.make_mesh(config.mesh)
   batch = parallel.batch_size_per_process(config.batch_size, mesh)
   trainer = GeneratorTrainer(config, mesh, total_steps=1000)
-  batches = host_batches(config, batch, args.steps + 1)
+  batches = [random_batch(config.model, batch, seed) for seed in range(args.steps + 1)]
   start = time.perf_counter()
   compiled = trainer.train_step.lower(trainer.abstract_state, parallel.to_global(batches[0], mesh),
                                      jax.random.key(0)).compile()

@@ -62,11 +62,7 @@ def test_activations_stay_split_over_the_batch_axes():
     config.logical_axis_rules = rules
     mesh = parallel.make_mesh(config.mesh)
     trainer = generator.GeneratorTrainer(config, mesh, total_steps=10)
-    model = trainer.model_config
-    batch = {"bits": jax.ShapeDtypeStruct((64, model.seq_len, model.binary_size), np.float32,
-                                          sharding=parallel.batch_sharding(mesh, 3)),
-             "label": jax.ShapeDtypeStruct((64,), np.int32, sharding=parallel.batch_sharding(mesh, 1))}
-    compiled = trainer.train_step.lower(trainer.abstract_state, batch, jax.random.key(0)).compile()
+    compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(64), jax.random.key(0)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   unsharded = [[name, None if name == "batch" else axes] for name, axes in parallel.DEFAULT_RULES]

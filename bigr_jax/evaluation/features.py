@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import flax.linen as nn

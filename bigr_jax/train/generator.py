@@ -34,6 +34,13 @@ class GeneratorTrainer:
                                        out_shardings=(self.state_shardings, parallel.replicated(mesh)),
                                        donate_argnums=0)
 
+  def abstract_batch(self, global_batch_size: int) -> dict:
+    """ShapeDtypeStructs of a global batch, split over the batch axes: lowers the step without data."""
+    cfg, mesh = self.model_config, self.mesh
+    return {"bits": jax.ShapeDtypeStruct((global_batch_size, cfg.seq_len, cfg.binary_size), jnp.float32,
+                                         sharding=parallel.batch_sharding(mesh, 3)),
+            "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1))}
+
   def _init_boxed(self, key):
     params = self.model.init({"params": key}, *bigr.init_inputs(self.model_config))["params"]
     # Optimizer state is built from unboxed params and inherits their logical axes below.
@@ -47,7 +54,7 @@ class GeneratorTrainer:
 
     def loss_fn(params):
       with nn.logical_axis_rules(self.rules):  # activates the models' activation sharding constraints
-          return self.model.apply({"params": params}, batch["bits"], batch["label"], deterministic=False,
+        return self.model.apply({"params": params}, batch["bits"], batch["label"], deterministic=False,
                                 rngs=rngs, method=bigr.BiGR.loss)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
