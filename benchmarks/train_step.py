@@ -5,12 +5,19 @@
   .venv/bin/python benchmarks/train_step.py --original               # also the original PyTorch step
 
 One step = forward + backward + AdamW (with global-norm clipping) + EMA, as `GeneratorTrainer.train_step`
-runs it (float32, random weights, one device). Compiled FLOPs come from XLA's `cost_analysis()`; it counts a
-scanned layer stack's body once, so by default they are read from an unrolled copy of the step
-(`--flops=unrolled`). The original (github.com/haoosz/BiGR, from the read-only mirror `--original_repo`,
-copied to a temp dir with torchvision stubbed) runs `model.train()`, forward with targets, `backward()`,
-grad clipping, AdamW and its EMA update, as its train_ddp.py does (eager, float32; `--original_compile`
-wraps the model in torch.compile as its default training does). Prints one JSON line; details on stderr.
+runs it (float32, random weights, one device). Layers are unrolled by default, the faster choice on a CPU at
+a few layers (`--scan` times nn.scan, the TPU configs' default). Compiled FLOPs come from XLA's
+`cost_analysis()`; it counts a scanned layer stack's body once, so with `--scan` they are read from an
+unrolled copy of the step (`--flops=unrolled`). The original (github.com/haoosz/BiGR, from the read-only
+mirror `--original_repo`, copied to a temp dir with torchvision stubbed) runs `model.train()`, forward with
+targets, `backward()`, grad clipping, AdamW and its EMA update, as its train_ddp.py does (eager, float32;
+`--original_compile` wraps the model in torch.compile as its default training does).
+
+With `--original`, the two sides take turns (ours, theirs, ours, ...; each turn is an untimed step, then
+about `--turn_s` seconds of steps back to back), and `speedup.wall_paired` is the median over rounds of
+their turn's median step time over ours. On a shared machine the load drifts between runs, and both sides
+drift with it, so a paired ratio is steadier than a ratio of two separate medians. Prints one JSON line;
+details on stderr.
 """
 
 import argparse
@@ -93,35 +100,51 @@ def compiled_flops(cfg: GeneratorConfig, batch: int) -> tuple:
   return float(cost["flops"]), time.perf_counter() - start
 
 
-def bench_jax(name: str, args) -> dict:
-  cfg = model_config(name, args.layers, scan_layers=not args.unrolled)
+class Timer:
+  """Times one step function in turns: an untimed step (it pays for waking idle worker threads), then
+  `block` timed steps back to back, as training runs them. Keeps every timed step and each turn's median."""
+
+  def __init__(self, step, block: int):
+    self.step, self.block, self.walls, self.cpus, self.turns = step, block, [], [], []
+
+  def turn(self):
+    self.step()
+    walls = []
+    for _ in range(self.block):
+      wall, cpu = time.perf_counter(), time.process_time()
+      self.step()
+      walls.append(time.perf_counter() - wall)
+      self.cpus.append(time.process_time() - cpu)
+    self.walls += walls
+    self.turns.append(statistics.median(walls))
+
+  def summary(self) -> dict:
+    return dict(step_s=round(statistics.median(self.walls), 4), step_s_all=[round(w, 4) for w in self.walls],
+                cpu_s=round(statistics.median(self.cpus), 4))
+
+
+def jax_runner(name: str, args):
+  """(one-step function, facts) for our step; compiled, initialised and warmed up."""
+  cfg = model_config(name, args.layers, scan_layers=args.scan)
   trainer = make_trainer(cfg)
   start = time.perf_counter()
   compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(args.batch),
                                      jax.random.key(0)).compile()
   compile_s = time.perf_counter() - start
   log(f"jax {name}: compiled in {compile_s:.1f} s")
-  state = trainer.init(jax.random.key(0))
+  holder = {"state": trainer.init(jax.random.key(0))}
   batch = jax.device_put(random_batch(cfg, args.batch))
   key = jax.random.key(1)
+
+  def step():
+    holder["state"], holder["metrics"] = compiled(holder["state"], batch, key)
+    jax.block_until_ready(holder["metrics"])
+
   for _ in range(3):  # warm-up: the first steps also pay for allocation and page faults
-    state, metrics = compiled(state, batch, key)
-    jax.block_until_ready(metrics)
-  walls, cpus = [], []
-  for _ in range(args.repeats):
-    wall, cpu = time.perf_counter(), time.process_time()
-    state, metrics = compiled(state, batch, key)
-    jax.block_until_ready(metrics)
-    walls.append(time.perf_counter() - wall)
-    cpus.append(time.process_time() - cpu)
-  step_s = statistics.median(walls)
-  log(f"jax {name}: steps {[round(w, 3) for w in walls]} s, loss {float(metrics['loss']):.4f}")
-  result = dict(config={k: v for k, v in dataclasses.asdict(cfg).items() if k in (
+    step()
+  facts = dict(config={k: v for k, v in dataclasses.asdict(cfg).items() if k in (
       "dim", "n_layer", "n_head", "denoise_hidden_dim", "num_block_mlp", "binary_size", "seq_len", "scan_layers")},
-                params=bigr.count_params(state.params), compile_s=round(compile_s, 2), step_s=round(step_s, 4),
-                step_s_all=[round(w, 4) for w in walls], cpu_s=round(statistics.median(cpus), 4),
-                images_per_s=round(args.batch / step_s, 3), load_avg=os.getloadavg()[0])
-  del state
+               params=bigr.count_params(holder["state"].params), compile_s=round(compile_s, 2))
   if args.flops != "off":
     analytic = bigr.train_flops_per_image(cfg) * args.batch
     if args.flops == "timed" or not cfg.scan_layers:
@@ -131,15 +154,16 @@ def bench_jax(name: str, args) -> dict:
       flops, flops_compile_s = compiled_flops(cfg.replace(scan_layers=False), args.batch)
       source = f"unrolled copy (compiled in {flops_compile_s:.1f} s)"
     terms = {k: v * args.batch for k, v in analytic_terms(cfg).items()}
-    result["flops"] = dict(compiled=flops, analytic=analytic, compiled_over_analytic=round(flops / analytic, 4),
-                           source=source, analytic_terms=terms,
-                           terms_sum_matches=bool(abs(sum(terms.values()) - analytic) <= 1e-6 * analytic))
-    result["achieved_gflops_per_s"] = round(flops / step_s / 1e9, 2)
+    facts["flops"] = dict(compiled=flops, analytic=analytic, compiled_over_analytic=round(flops / analytic, 4),
+                          source=source, analytic_terms=terms,
+                          terms_sum_matches=bool(abs(sum(terms.values()) - analytic) <= 1e-6 * analytic))
     log(f"jax {name}: compiled {flops:.4g} FLOPs vs analytic {analytic:.4g} ({flops / analytic:.4f}), {source}")
-  return result
+  facts["loss"] = lambda: float(holder["metrics"]["loss"])
+  return step, facts
 
 
-def bench_original(name: str, args) -> dict:
+def original_runner(name: str, args):
+  """(one-step function, facts) for the original's step, built as its train_ddp.py trains, warmed up."""
   import contextlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -163,6 +187,7 @@ def bench_original(name: str, args) -> dict:
   forward = torch.compile(model) if args.original_compile else model
   data = random_batch(cfg, args.batch)
   bits, labels = torch.from_numpy(data["bits"]), torch.from_numpy(data["label"]).long()
+  losses = []
 
   def step():
     _, stats = forward(inp=bits, cond_idx=labels, targets=bits)
@@ -173,24 +198,49 @@ def bench_original(name: str, args) -> dict:
     with torch.no_grad():
       for e, p in zip(ema, model.parameters()):
         e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
-    return float(stats["loss"].detach())
+    losses.append(float(stats["loss"].detach()))
 
   start = time.perf_counter()
   step()  # warm-up (and compilation with --original_compile)
-  first_s = time.perf_counter() - start
-  walls, cpus = [], []
+  facts = dict(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
+               compiled=args.original_compile, params=sum(p.numel() for p in model.parameters()),
+               first_step_s=round(time.perf_counter() - start, 3))
+  step()
+  facts["loss"] = lambda: losses[-1]
+  return step, facts
+
+
+def bench(name: str, args) -> dict:
+  """Our step (and the original's, alternating with it step by step, so both see the same machine load)."""
+  runners = {"jax": jax_runner(name, args)}
+  if args.original:
+    runners["original"] = original_runner(name, args)
+  # Turns of about `turn_s` seconds each; a turn of ours and one of theirs make a round.
+  start = time.perf_counter()
+  runners["jax"][0]()
+  block = max(1, min(50, round(args.turn_s / (time.perf_counter() - start))))
+  timers = {side: Timer(step, block) for side, (step, _) in runners.items()}
   for _ in range(args.repeats):
-    wall, cpu = time.perf_counter(), time.process_time()
-    loss = step()
-    walls.append(time.perf_counter() - wall)
-    cpus.append(time.process_time() - cpu)
-  step_s = statistics.median(walls)
-  log(f"original {name}: steps {[round(w, 3) for w in walls]} s, loss {loss:.4f}")
-  return dict(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
-              compiled=args.original_compile, params=sum(p.numel() for p in model.parameters()),
-              first_step_s=round(first_s, 3), step_s=round(step_s, 4), step_s_all=[round(w, 4) for w in walls],
-              cpu_s=round(statistics.median(cpus), 4), images_per_s=round(args.batch / step_s, 3),
-              load_avg=os.getloadavg()[0])
+    for timer in timers.values():
+      timer.turn()
+  result = {}
+  for side, (_, facts) in runners.items():
+    facts = dict(facts, **timers[side].summary(), loss=round(facts["loss"](), 4))
+    facts["images_per_s"] = round(args.batch / facts["step_s"], 3)
+    if "flops" in facts:
+      facts["achieved_gflops_per_s"] = round(facts["flops"]["compiled"] / facts["step_s"] / 1e9, 2)
+    log(f"{side} {name}: steps {facts['step_s_all']} s, loss {facts['loss']}")
+    result[side] = facts
+  if args.original:
+    ours, theirs = timers["jax"], timers["original"]
+    # Each round times both back to back: the median of per-round ratios cancels slow drifts in load.
+    result["speedup"] = dict(
+        wall_paired=round(statistics.median(t / o for o, t in zip(ours.turns, theirs.turns)), 3),
+        wall=round(statistics.median(theirs.walls) / statistics.median(ours.walls), 3),
+        cpu=round(statistics.median(theirs.cpus) / statistics.median(ours.cpus), 3))
+    log(f"speedup {name}: {result['speedup']}")
+  result["load_avg"] = os.getloadavg()[0]
+  return result
 
 
 def main():
@@ -198,27 +248,24 @@ def main():
   parser.add_argument("--configs", default="runlocal,tiny,L-d4", help=f"comma-separated, of {sorted(CONFIGS)}")
   parser.add_argument("--layers", type=int, default=4, help="depth of L-d4")
   parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)")
-  parser.add_argument("--unrolled", action="store_true", help="time the unrolled layer loop instead of nn.scan")
+  parser.add_argument("--repeats", type=int, default=5, help="turns per side (median over all their steps)")
+  parser.add_argument("--scan", action="store_true",
+                      help="time the layers under nn.scan (the TPU configs' default) instead of unrolled")
   parser.add_argument("--flops", default="unrolled", choices=("unrolled", "timed", "off"),
                       help="where compiled FLOPs come from (scan bodies count once in 'timed')")
   parser.add_argument("--original", action="store_true", help="also time the original PyTorch train step")
+  parser.add_argument("--turn_s", type=float, default=0.5,
+                      help="seconds of timed steps per turn (at least one step); turns of each side alternate")
   parser.add_argument("--original_compile", action="store_true", help="torch.compile the original")
   parser.add_argument("--original_repo", default="/work/.mirror/haoosz+BiGR/repo")
   args = parser.parse_args()
   result = dict(benchmark="train_step", backend=jax.default_backend(), devices=str(jax.devices()[0]),
                 cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(), batch=args.batch,
-                dtype="float32", repeats=args.repeats, load_avg_start=os.getloadavg()[0], jax={}, original={},
-                note="wall-clock seconds, median of `repeats` steps, on this (possibly shared) machine; "
+                dtype="float32", repeats=args.repeats, load_avg_start=os.getloadavg()[0], runs={},
+                note="wall-clock seconds, median of all timed steps, on this (possibly shared) machine; "
                      "cpu_s: process CPU seconds, all threads")
   for name in args.configs.split(","):
-    result["jax"][name] = bench_jax(name, args)
-    if args.original:
-      result["original"][name] = bench_original(name, args)
-      ours, theirs = result["jax"][name], result["original"][name]
-      result.setdefault("speedup", {})[name] = dict(wall=round(theirs["step_s"] / ours["step_s"], 2),
-                                                    cpu=round(theirs["cpu_s"] / ours["cpu_s"], 2))
-      log(f"speedup {name}: {result['speedup'][name]}")
+    result["runs"][name] = bench(name, args)
   result["load_avg_end"] = os.getloadavg()[0]
   print(json.dumps(result))
 
