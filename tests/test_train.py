@@ -73,7 +73,7 @@ def test_dense_gradients_match_autodiff():
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_gradients_agree_under_every_remat_policy(scan_layers):
   config = tiny_config(data=1, fsdp=1, tensor=1)
-  config.model.update(scan_layers=scan_layers, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+  config.model.update(scan_layers=scan_layers)
   model_config = generator.generator_config(config)
   params = bigr.init_params(model_config, jax.random.key(0))
   batch = next(synthetic_batches(config))
