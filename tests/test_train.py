@@ -72,21 +72,29 @@ def test_dense_gradients_match_autodiff():
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_gradients_agree_under_every_remat_policy(scan_layers):
+  """Same gradients under every remat policy; "dots" saves the dense outputs (no matmul is recomputed),
+  "full" recomputes them."""
   config = tiny_config(data=1, fsdp=1, tensor=1)
   config.model.update(scan_layers=scan_layers)
   model_config = generator.generator_config(config)
   params = bigr.init_params(model_config, jax.random.key(0))
   batch = next(synthetic_batches(config))
   rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
-  grads = {}
+  grads, flops = {}, {}
   for policy in ("none", "dots", "dots_saveable", "full"):
     model = bigr.BiGR(model_config.replace(remat_policy=policy))
     loss = lambda p: model.apply({"params": p}, batch["bits"], batch["label"], rngs=rngs, method=bigr.BiGR.loss)[0]  # noqa: E731,B023
-    grads[policy] = jax.jit(jax.grad(loss))(params)
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    cost = compiled.cost_analysis()
+    flops[policy] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    grads[policy] = compiled(params)
   for policy in ("dots", "dots_saveable", "full"):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                            grads[policy], grads["none"])
   assert float(optax.tree.norm(grads["none"])) > 0
+  # "dots" recomputes elementwise work only (a few %); a recomputed matmul would add about 20%.
+  assert flops["dots"] < 1.05 * flops["none"] and flops["dots_saveable"] < 1.05 * flops["none"], flops
+  assert flops["full"] > 1.1 * flops["none"], flops
 
 
 def test_activations_stay_split_over_the_batch_axes():

@@ -5,6 +5,7 @@ from typing import Optional
 import einops
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,6 +63,9 @@ class RMSNorm(nn.Module):
     return normed.astype(self.dtype) * weight.astype(self.dtype)
 
 
+DENSE_OUTPUT = "dense_output"
+
+
 @jax.custom_vjp
 def dense_matmul(x, kernel):
   """x (..., in) @ kernel (in, out), as nn.Dense computes it; only the backward pass differs from autodiff.
@@ -91,7 +95,8 @@ def _dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_e
   """nn.Dense's `dot_general` hook; Dense always contracts the last input axis with the kernel's first."""
   assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
   assert precision is None and preferred_element_type is None
-  return dense_matmul(x, kernel)
+  # Named, so that the "dots" remat policies still save it: they see the custom VJP, not its dot_general.
+  return checkpoint_name(dense_matmul(x, kernel), DENSE_OUTPUT)
 
 
 def dense(features, axes, name, dtype, use_bias=False, kernel_init=dense_init):
@@ -168,10 +173,13 @@ class Block(nn.Module):
     return shard_tokens(h + feed_forward(ffn_norm(h)))
 
 
+_save_dense_outputs = jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)
 REMAT_POLICIES = {
     "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
+                                                             _save_dense_outputs),
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _save_dense_outputs),
 }
 
 
