@@ -211,11 +211,11 @@ def original_runner(name: str, args):
 
 
 def bench(name: str, args) -> dict:
-  """Our step (and the original's, alternating with it step by step, so both see the same machine load)."""
+  """Our step (and the original's, taking turns with it, so that both see the same machine load)."""
   runners = {"jax": jax_runner(name, args)}
   if args.original:
     runners["original"] = original_runner(name, args)
-  # Turns of about `turn_s` seconds each; a turn of ours and one of theirs make a round.
+  # Each turn: as many steps as ours runs in about `turn_s` seconds (both sides run the same number).
   start = time.perf_counter()
   runners["jax"][0]()
   block = max(1, min(50, round(args.turn_s / (time.perf_counter() - start))))
