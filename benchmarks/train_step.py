@@ -91,28 +91,33 @@ def analytic_terms(cfg: GeneratorConfig) -> dict:
           "transcoder": 3.0 * cfg.seq_len * denoiser}
 
 
+def flops_of(compiled) -> float:
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
 def compiled_flops(cfg: GeneratorConfig, batch: int) -> tuple:
   trainer = make_trainer(cfg)
   start = time.perf_counter()
   compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), jax.random.key(0)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]), time.perf_counter() - start
+  return flops_of(compiled), time.perf_counter() - start
 
 
 class Timer:
-  """Times one step function in turns: an untimed step (it pays for waking idle worker threads), then
-  `block` timed steps back to back, as training runs them. Keeps every timed step and each turn's median."""
+  """Times a step function (it returns the step's loss) in turns: an untimed step (it pays for waking idle
+  worker threads), then `block` timed steps back to back, as training runs them. Keeps every timed step,
+  each turn's median and the last loss."""
 
   def __init__(self, step, block: int):
     self.step, self.block, self.walls, self.cpus, self.turns = step, block, [], [], []
+    self.loss = None
 
   def turn(self):
     self.step()
     walls = []
     for _ in range(self.block):
       wall, cpu = time.perf_counter(), time.process_time()
-      self.step()
+      self.loss = self.step()
       walls.append(time.perf_counter() - wall)
       self.cpus.append(time.process_time() - cpu)
     self.walls += walls
@@ -124,7 +129,7 @@ class Timer:
 
 
 def jax_runner(name: str, args):
-  """(one-step function, facts) for our step; compiled, initialised and warmed up."""
+  """(one-step function returning the loss, facts) for our step; compiled, initialised and warmed up."""
   cfg = model_config(name, args.layers, scan_layers=args.scan)
   trainer = make_trainer(cfg)
   start = time.perf_counter()
@@ -137,8 +142,8 @@ def jax_runner(name: str, args):
   key = jax.random.key(1)
 
   def step():
-    holder["state"], holder["metrics"] = compiled(holder["state"], batch, key)
-    jax.block_until_ready(holder["metrics"])
+    holder["state"], metrics = compiled(holder["state"], batch, key)
+    return float(metrics["loss"])  # waits for the step, as the original's float(loss) does
 
   for _ in range(3):  # warm-up: the first steps also pay for allocation and page faults
     step()
@@ -148,8 +153,7 @@ def jax_runner(name: str, args):
   if args.flops != "off":
     analytic = bigr.train_flops_per_image(cfg) * args.batch
     if args.flops == "timed" or not cfg.scan_layers:
-      cost = compiled.cost_analysis()
-      flops, source = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]), "timed step"
+      flops, source = flops_of(compiled), "timed step"
     else:
       flops, flops_compile_s = compiled_flops(cfg.replace(scan_layers=False), args.batch)
       source = f"unrolled copy (compiled in {flops_compile_s:.1f} s)"
@@ -158,12 +162,12 @@ def jax_runner(name: str, args):
                           source=source, analytic_terms=terms,
                           terms_sum_matches=bool(abs(sum(terms.values()) - analytic) <= 1e-6 * analytic))
     log(f"jax {name}: compiled {flops:.4g} FLOPs vs analytic {analytic:.4g} ({flops / analytic:.4f}), {source}")
-  facts["loss"] = lambda: float(holder["metrics"]["loss"])
   return step, facts
 
 
 def original_runner(name: str, args):
-  """(one-step function, facts) for the original's step, built as its train_ddp.py trains, warmed up."""
+  """(one-step function returning the loss, facts) for the original's step, built as its train_ddp.py
+  trains, warmed up."""
   import contextlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -187,7 +191,6 @@ def original_runner(name: str, args):
   forward = torch.compile(model) if args.original_compile else model
   data = random_batch(cfg, args.batch)
   bits, labels = torch.from_numpy(data["bits"]), torch.from_numpy(data["label"]).long()
-  losses = []
 
   def step():
     _, stats = forward(inp=bits, cond_idx=labels, targets=bits)
@@ -198,7 +201,7 @@ def original_runner(name: str, args):
     with torch.no_grad():
       for e, p in zip(ema, model.parameters()):
         e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
-    losses.append(float(stats["loss"].detach()))
+    return float(stats["loss"].detach())
 
   start = time.perf_counter()
   step()  # warm-up (and compilation with --original_compile)
@@ -206,7 +209,6 @@ def original_runner(name: str, args):
                compiled=args.original_compile, params=sum(p.numel() for p in model.parameters()),
                first_step_s=round(time.perf_counter() - start, 3))
   step()
-  facts["loss"] = lambda: losses[-1]
   return step, facts
 
 
@@ -225,7 +227,7 @@ def bench(name: str, args) -> dict:
       timer.turn()
   result = {}
   for side, (_, facts) in runners.items():
-    facts = dict(facts, **timers[side].summary(), loss=round(facts["loss"](), 4))
+    facts = dict(facts, **timers[side].summary(), loss=round(timers[side].loss, 4))
     facts["images_per_s"] = round(args.batch / facts["step_s"], 3)
     if "flops" in facts:
       facts["achieved_gflops_per_s"] = round(facts["flops"]["compiled"] / facts["step_s"] / 1e9, 2)
