@@ -37,8 +37,10 @@ CONFIGS = {
 }
 COMMON = dict(binary_size=24, block_size=256, seq_len=256, p_flip=True, focal=0.0, use_adaLN=True,
               resid_dropout_p=0.0, ffn_dropout_p=0.0, token_dropout_p=0.0)
-def _config(name: str, infer_steps: int) -> GeneratorConfig:
-  return GeneratorConfig(**{**COMMON, **CONFIGS[name], "infer_steps": infer_steps})
+
+
+def _config(name: str) -> GeneratorConfig:
+  return GeneratorConfig(**{**COMMON, **CONFIGS[name]})
 
 
 def _time(fn, repeats: int = 1):
@@ -52,7 +54,7 @@ def _time(fn, repeats: int = 1):
 
 
 def bench_jax(name: str, num_iters, batch: int, infer_steps: int, cfg_scale: float, sizes: int) -> dict:
-  cfg = _config(name, infer_steps)
+  cfg = _config(name)
   params = nn.meta.unbox(bigr.init_params(cfg, jax.random.key(0)))
   labels = jnp.arange(batch, dtype=jnp.int32) % cfg.num_classes
   bits = jnp.zeros((batch, cfg.seq_len, cfg.binary_size))
@@ -66,9 +68,10 @@ def bench_jax(name: str, num_iters, batch: int, infer_steps: int, cfg_scale: flo
   trunk_s, _ = _time(lambda: trunk(*trunk_args), repeats=3)
   runs = {}
   for num_iter in num_iters:
-    config = sampler.SamplerConfig(num_iter=num_iter, cfg_scale=cfg_scale, gumbel_temp=0.01, transcode_sizes=sizes)
+    config = sampler.SamplerConfig(num_iter=num_iter, cfg_scale=cfg_scale, gumbel_temp=0.01, transcode_sizes=sizes,
+                                   infer_steps=infer_steps)
     tables = {k: jnp.asarray(v) for k, v in config.tables(cfg.seq_len).items()}
-    static = sampler._Static(sampler._static_part(config), cfg, False, None, ("data",))  # pylint: disable=protected-access
+    static = sampler._Static(sampler._static_part(config), cfg, None, ("data",))  # pylint: disable=protected-access
     start = time.perf_counter()
     compiled = sampler._sample.lower(params, labels, None, jax.random.key(1), bits, masked, tables,  # pylint: disable=protected-access
                                      static=static).compile()
@@ -89,7 +92,7 @@ def bench_original(name: str, num_iters, batch: int, infer_steps: int, cfg_scale
                    full: bool) -> dict:
   import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   gpt = original_code.load_original(repo)
-  cfg = _config(name, infer_steps)
+  cfg = _config(name)
   torch.manual_seed(0)
   np.random.seed(0)
   with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout is for the JSON line

@@ -15,6 +15,7 @@ import time
 import jax
 
 from bigr_jax.models import tokenizer
+from bigr_jax import trees
 
 MODELS = {
     "d24": tokenizer.TokenizerConfig(codebook_size=24, img_size=256),
@@ -46,7 +47,7 @@ def bench(config: tokenizer.TokenizerConfig, batch: int, repeats: int) -> dict:
   decode_first, decode_best = _time(decode, params, encode(params, images, jax.random.key(3)), repeats=repeats)
   return {
       "img_size": config.img_size, "bits": config.codebook_size, "batch": batch,
-      "params": tokenizer.count_params(params),
+      "params": trees.count_params(params),
       "encode_images_per_s": round(batch / encode_best, 3), "decode_images_per_s": round(batch / decode_best, 3),
       "encode_s_per_batch": round(encode_best, 4), "decode_s_per_batch": round(decode_best, 4),
       "encode_first_call_s": round(encode_first, 2), "decode_first_call_s": round(decode_first, 2),

@@ -38,6 +38,7 @@ from bigr_jax.config_lib import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
 from bigr_jax.train.generator import GeneratorTrainer
+from bigr_jax import trees
 import original_code  # benchmarks/original_code.py (scripts run from their folder)
 
 CONFIGS = {
@@ -149,7 +150,7 @@ def jax_runner(name: str, args):
     step()
   facts = dict(config={k: v for k, v in dataclasses.asdict(cfg).items() if k in (
       "dim", "n_layer", "n_head", "denoise_hidden_dim", "num_block_mlp", "binary_size", "seq_len", "scan_layers")},
-               params=bigr.count_params(holder["state"].params), compile_s=round(compile_s, 2))
+               params=trees.count_params(holder["state"].params), compile_s=round(compile_s, 2))
   if args.flops != "off":
     analytic = bigr.train_flops_per_image(cfg) * args.batch
     if args.flops == "timed" or not cfg.scan_layers:

@@ -23,6 +23,7 @@ from bigr_jax import parallel
 from bigr_jax.config_lib import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.train.generator import GeneratorTrainer
+from bigr_jax import trees
 from train_step import random_batch  # benchmarks/train_step.py (scripts run from their folder)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
@@ -71,7 +72,7 @@ def bench(name: str, args) -> dict:
   result = dict(
       model={k: getattr(model, k) for k in ("dim", "n_layer", "n_head", "denoise_hidden_dim", "num_block_mlp",
                                             "binary_size", "seq_len", "dtype", "scan_layers", "remat_policy")},
-      params=bigr.count_params(state.params), batch=batch, steps=args.steps, compile_s=round(compile_s, 2),
+      params=trees.count_params(state.params), batch=batch, steps=args.steps, compile_s=round(compile_s, 2),
       images_per_s=round(batch * args.steps / total, 3), step_s_median=round(statistics.median(steps), 4),
       step_s_all=[round(s, 4) for s in steps],
       train_gflops_per_s=round(bigr.train_flops_per_image(model) * batch * args.steps / total / 1e9, 2),

@@ -1,10 +1,22 @@
-"""Shared pieces of the config files in configs/ (big_vision style `get_config(arg)`)."""
+"""Shared pieces of the config files in configs/ (big_vision style `get_config(arg)`).
+
+Every section a run reads is declared here from its typed config (`bigr_jax.typed_config`), so the
+defaults live in the dataclasses alone and every field can be overridden on the command line.
+"""
 
 import dataclasses
 
 import ml_collections
 
-from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
+from bigr_jax import parallel, typed_config
+from bigr_jax.data import builder as data_lib
+from bigr_jax.evaluation import run as evaluation_run
+from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig
+from bigr_jax.sampling import run_sample, sampler
+from bigr_jax.train import state
+
+FAMILIES = ("generator", "tokenizer", "demo")
+load_config_file = typed_config.load_config_file
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -29,39 +41,44 @@ def generator_model(size: str, bits: int, **overrides) -> ml_collections.ConfigD
   """The original's model of that size (L, XL, XXL, L-512) with the released flags, as a ConfigDict."""
   if size not in MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
-  fields = dataclasses.asdict(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size], **overrides))
-  return ml_collections.ConfigDict(fields)
+  return typed_config.to_section(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size], **overrides))
 
 
-def base_generator_config() -> ml_collections.ConfigDict:
-  """Training settings of the original (AdamW 0.9/0.95, lr 1e-4 constant, wd 2e-2, clip 1, EMA 0.9999)."""
-  c = ml_collections.ConfigDict()
+def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:
+  """Fields both trainers read (the loop's), with their defaults."""
+  c.family = family
   c.mode = "train"
   c.seed = 0
-  c.batch_size = 1024
   c.total_steps = 0  # 0: derived from num_epochs and the dataset size
-  c.num_epochs = 400.0
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=2e-2, grad_clip=1.0,
-      schedule="constant", warmup_steps=0, min_lr_ratio=0.0, grad_accum_steps=1))
-  c.ema_decay = 0.9999
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+  c.num_epochs = 0.0
+  c.mesh = typed_config.to_section(parallel.MeshConfig())
   c.logical_axis_rules = ()  # empty: bigr_jax.parallel.DEFAULT_RULES
-  c.data = ml_collections.ConfigDict(dict(
-      name="codes", data_dir="", split="train", image_size=256, flip=True, worker_count=4,
-      on_bad_image="raise", min_image_size=0))
-  c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", config=""))
   c.init_from = ""
   c.log_every = 100
   c.checkpoint_every = 5000
   c.keep_checkpoints = 3
   c.tensorboard = True
-  c.peak_flops_per_device = 0.0  # e.g. 197e12 (TPU v4 bf16), 918e12 (v5p); 0 = no MFU
-  c.sample = ml_collections.ConfigDict(dict(
-      labels=(207, 360, 387, 974, 88, 979, 417, 279), num_iter=20, cfg_scale=2.5, cfg_schedule="constant",
-      gumbel_temp=0.17, gumbel_schedule="constant", batch_size=8, seed=0, use_ema=True))
-  c.edit = ml_collections.ConfigDict(dict(
-      task="inpaint", image="", mask="", target_class=0, class_a=0, class_b=1, batch=4, seed=0))
+  c.peak_flops_per_device = 0.0  # bf16 FLOP/s of one chip for MFU; 0: from the device kind (bigr_jax.chips)
+
+
+def base_generator_config() -> ml_collections.ConfigDict:
+  """Training settings of the original (AdamW 0.9/0.95, lr 1e-4 constant, wd 2e-2, clip 1, EMA 0.9999), and
+  every field that sampling, editing and evaluation read."""
+  c = ml_collections.ConfigDict()
+  _training_fields(c, "generator")
+  c.batch_size = 1024
+  c.num_epochs = 400.0
+  c.optim = typed_config.to_section(state.OptimConfig())
+  c.ema_decay = 0.9999
+  c.data = typed_config.to_section(data_lib.DataConfig(name="codes", image_size=256, flip=True, worker_count=4))
+  # The B-AE that decodes samples: `config` a bae_* config file (or `model`, its model fields inline), and
+  # `checkpoint` a released .th file, a converted params directory or a tokenizer workdir.
+  c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", config=""))
+  c.sample = typed_config.to_section(sampler.SamplerConfig(cfg_scale=2.5, gumbel_temp=0.17),
+                                     run_sample.SampleRun())
+  del c.sample["resample_known"]  # editing only: config.edit.sampler.resample_known
+  c.edit = run_sample.edit_section()
+  c.evaluation = typed_config.to_section(evaluation_run.EvaluationConfig())
   return c
 
 
@@ -80,59 +97,35 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:args]' the way --config does (for tools outside absl flags)."""
-  import importlib.util
-  import pathlib
-  path, _, arg = spec.partition(":")
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"no config file {path}")
-  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None) -> ml_collections.ConfigDict:
   """A B-AE config: the original's architecture and Binary Latent Diffusion's recipe as far as it is known.
 
   Arguments: `runlocal` (a tiny autoencoder on the embedded digits, for a CPU), `quantizer=binary|lfq`
   (lfq is our own variant). BiGR's exact B-AE batch and schedule were not released.
   """
-  import dataclasses
-  from bigr_jax.models.tokenizer import TokenizerConfig
   arg = parse_arg(arg, runlocal=False, quantizer="binary")
   c = ml_collections.ConfigDict()
-  c.family = "tokenizer"
-  c.mode = "train"
-  c.seed = 0
-  c.model = ml_collections.ConfigDict(dataclasses.asdict(TokenizerConfig(
-      codebook_size=bits, img_size=image_size, quantizer=arg.quantizer, dtype="bfloat16")))
+  _training_fields(c, "tokenizer")
+  c.model = typed_config.to_section(TokenizerConfig(codebook_size=bits, img_size=image_size, quantizer=arg.quantizer,
+                                                    dtype="bfloat16"))
   c.batch_size = 24  # BLD runs 3 per GPU (here 8 x 3)
   c.total_steps = total_steps
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0, decay_step=1_500_000,
-      decay_factor=0.1))  # BLD: lr = 4.5e-6 x per-GPU batch (3); x0.1 at 1.5M
-  c.disc_optim = ml_collections.ConfigDict(dict(name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999, eps=1e-8))
+  # BLD: lr = 4.5e-6 x per-GPU batch (3); x0.1 at 1.5M
+  c.optim = typed_config.to_section(state.OptimConfig(
+      name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999, grad_clip=0.0, schedule="step", decay_step=1_500_000))
+  c.disc_optim = typed_config.to_section(state.OptimConfig(name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999,
+                                                           grad_clip=0.0))
   c.ema_decay = 0.995
   c.ema_every = 10
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, disc_weight_max=1.0, disc_start_step=30001, code_weight=0.0, entropy_weight=0.0))
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.lpips = ml_collections.ConfigDict(dict(vgg_path="", lin_path="", random_init=False))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
-  c.logical_axis_rules = ()  # empty: bigr_jax.parallel.DEFAULT_RULES
-  c.data = ml_collections.ConfigDict(dict(
-      name="imagenet", data_dir="", split="train", eval_split="validation", image_size=image_size, flip=True,
-      worker_count=4, on_bad_image="raise", min_image_size=0))
+  c.data = typed_config.to_section(data_lib.DataConfig(name="imagenet", image_size=image_size, flip=True,
+                                                       worker_count=4))
   c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # for --mode=encode: weights to encode with
   c.encode_batch_size = 64
   c.encode_flipped = True
-  c.init_from = ""  # e.g. a released binaryae_ema_*.th
-  c.log_every = 100
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 3
-  c.tensorboard = True
   if arg.runlocal:
     # 3 downsamplings of the digits at 32 px (64 px for the 512 model): attention at the last level.
     local_size = 32 * image_size // 256
@@ -146,6 +139,6 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
     c.optim.lr = c.disc_optim.lr = 1e-3
     c.disc.ndf = 16
     c.data.update(name="digits", split="train", eval_split="test", image_size=local_size, flip=False,
-                  worker_count=0, min_image_size=0)
+                  worker_count=0)
     c.encode_batch_size = 64
   return c

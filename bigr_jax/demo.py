@@ -1,77 +1,131 @@
-"""`--mode=demo`: BiGR end to end on the embedded digits (configs/demo.py): tokenizer, codes, generator,
-samples, and a classifier's verdict on the samples."""
+"""The embedded demo (configs/demo.py): BiGR end to end on scikit-learn's digits, and every other mode on its
+workdir.
 
-import json
+`--mode=demo` (or train) runs the stages: a B-AE in workdir/tokenizer, the codes of the training and held-out
+digits, a generator in workdir/generator, then the verdict (`evaluate`): samples of every class scored by a
+classifier trained on real digits. Afterwards `--mode=sample|edit|features|evaluate` run on the same workdir
+with the demo's generator and tokenizer (`generator_stage`).
+"""
+
 import pathlib
 import time
 
 import numpy as np
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
 
-from bigr_jax import images as images_lib
+from bigr_jax import artifacts, data, files, images as images_lib, parallel
+from bigr_jax.sampling import run_sample
+from bigr_jax.train import generator, tokenizer
+
+SPLITS = ("train", "test")  # codes of both: the generator trains on train, the probe evaluates on test
+EDIT_IMAGE, EDIT_MASK = "edit_digit.png", "edit_mask.png"  # a held-out digit, and its top half to regenerate
+
+
+def generator_stage(config, workdir):
+  """(the demo's generator config, completed with this workdir's paths, and the generator's workdir)."""
+  workdir = pathlib.Path(workdir)
+  gen = config.generator.copy_and_resolve_references()
+  gen.data.data_dir = str(workdir / "tokenizer" / "codes")
+  gen.tokenizer.checkpoint = gen.tokenizer.checkpoint or str(workdir / "tokenizer")
+  gen.edit.image = gen.edit.image or str(workdir / EDIT_IMAGE)
+  gen.edit.mask = gen.edit.mask or str(workdir / EDIT_MASK)
+  return gen, workdir / "generator"
+
+
+def on_generator(entry):
+  """A generator mode's entry point, run on the demo's generator stage."""
+  def run_on_demo(config, workdir):
+    return entry(*generator_stage(config, workdir))
+  run_on_demo.__doc__ = entry.__doc__
+  return run_on_demo
 
 
 def digit_classifier(image_size: int):
   """Logistic regression on real digit images (grayscale), and its accuracy on the held-out digits."""
-  from sklearn.linear_model import LogisticRegression
-  from bigr_jax import data
-  train = data.DigitsSource(split="train", image_size=image_size)
-  test = data.DigitsSource(split="test", image_size=image_size)
-
-  def arrays(source):
+  def arrays(split):
+    source = data.DigitsSource(split=split, image_size=image_size)
     records = [source[i] for i in range(len(source))]
     x = np.stack([r["image"].mean(-1).reshape(-1) / 255.0 for r in records])
     return x, np.asarray([r["label"] for r in records])
 
-  x, y = arrays(train)
-  classifier = LogisticRegression(max_iter=2000).fit(x, y)
-  x_test, y_test = arrays(test)
-  return classifier, float(classifier.score(x_test, y_test))
+  classifier = LogisticRegression(max_iter=2000).fit(*arrays("train"))
+  return classifier, float(classifier.score(*arrays("test")))
 
 
-def run(config, workdir: str) -> dict:
-  from bigr_jax.convert import params_io
-  from bigr_jax.models.config import GeneratorConfig
-  from bigr_jax.sampling import run_sample
-  from bigr_jax.train import generator, tokenizer
+def evaluate(config, workdir) -> dict:
+  """`--mode=evaluate` on the demo: samples of every class (`generator.sample`), scored by a classifier
+  trained on real digits; writes samples.png, samples.npz and the scores into demo.json."""
+  gen, gen_workdir = generator_stage(config, workdir)
+  workdir = pathlib.Path(workdir)
+  sampler_config, run = run_sample.sample_settings(gen.sample)
+  models = artifacts.sampling_models(gen, gen_workdir, use_ema=run.use_ema)
+  labels = run.class_labels(models.generator_config.num_classes)
+  start = time.perf_counter()
+  images, _ = run_sample.generate_images(models, labels, sampler_config, run.seed, parallel.make_mesh(gen.mesh),
+                                         run.batch_size)
+  seconds = time.perf_counter() - start
+  classifier, real_accuracy = digit_classifier(models.tokenizer_config.img_size)
+  predicted = classifier.predict(images.mean(-1).reshape(len(images), -1))
+  images_lib.save_grid(images, workdir / "samples.png", nrow=run.per_class or 10)
+  np.savez(workdir / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels)
+  scores = {"sample_class_accuracy": float(np.mean(predicted == labels)), "real_digit_accuracy": real_accuracy,
+            "chance": 1.0 / models.generator_config.num_classes, "num_samples": len(labels),
+            "sampling_s": seconds}
+  _update_summary(workdir, scores)
+  print(f"samples: {workdir / 'samples.png'}; a classifier trained on real digits recognises "
+        f"{100 * scores['sample_class_accuracy']:.0f}% of them (chance 10%, real held-out digits "
+        f"{100 * real_accuracy:.0f}%)", flush=True)
+  return scores
+
+
+def _update_summary(workdir: pathlib.Path, values: dict) -> dict:
+  path = workdir / "demo.json"
+  summary = {**(files.read_json(path) if path.exists() else {}), **values}
+  files.write_json(path, summary)
+  return summary
+
+
+def _edit_inputs(workdir: pathlib.Path, image_size: int) -> None:
+  """A held-out digit and a mask of its top half, the inputs `--mode=edit` uses on this workdir."""
+  digit = data.DigitsSource(split="test", image_size=image_size)[0]["image"]
+  Image.fromarray(digit).save(workdir / EDIT_IMAGE)
+  mask = np.zeros((image_size, image_size), np.uint8)
+  mask[: image_size // 2] = 255
+  Image.fromarray(mask).save(workdir / EDIT_MASK)
+
+
+def run(config, workdir) -> dict:
+  """Every stage; a rerun resumes each (trainings from their checkpoints, codes where they stopped)."""
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
   timings = {}
 
+  def lap(name):
+    timings[f"{name}_s"] = time.perf_counter() - start - sum(timings.values())
+
   print("== 1/4 tokenizer: a B-AE on the digits", flush=True)
   tok_dir = workdir / "tokenizer"
   tokenizer.train_and_evaluate(config.tokenizer, str(tok_dir))
-  timings["tokenizer_s"] = time.perf_counter() - start
+  lap("tokenizer")
 
-  print("== 2/4 codes: encode the training digits", flush=True)
-  codes_dir = tokenizer.encode_dataset(config.tokenizer, str(tok_dir))
-  timings["codes_s"] = time.perf_counter() - start - sum(timings.values())
+  print("== 2/4 codes: encode the training and held-out digits", flush=True)
+  for split in SPLITS:
+    tok = config.tokenizer.copy_and_resolve_references()
+    tok.data.split = split
+    tokenizer.encode_dataset(tok, str(tok_dir))
+  lap("codes")
 
   print("== 3/4 generator: BiGR on the codes", flush=True)
-  gen = config.generator
-  gen.data.data_dir = str(codes_dir.parent)
-  gen.data.split = codes_dir.name
-  generator.train_and_evaluate(gen, str(workdir / "generator"))
-  timings["generator_s"] = time.perf_counter() - start - sum(timings.values())
+  gen, gen_workdir = generator_stage(config, workdir)
+  generator.train_and_evaluate(gen, str(gen_workdir))
+  lap("generator")
 
   print("== 4/4 samples: every class, scored by a classifier trained on real digits", flush=True)
-  gen_config = GeneratorConfig(**gen.model.to_dict())
-  tok_config = tokenizer.tokenizer_config(config.tokenizer)
-  gen_params = params_io.train_state_params(workdir / "generator")
-  tok_params = tokenizer.load_tokenizer_params(tok_dir, tok_config)
-  labels = np.repeat(np.arange(gen_config.num_classes), config.sample.per_class)
-  images, _ = run_sample.generate_images(gen_config, gen_params, tok_config, tok_params, labels, config.sample,
-                                         config.seed)
-  classifier, real_accuracy = digit_classifier(tok_config.img_size)
-  predicted = classifier.predict(images.mean(-1).reshape(len(images), -1))
-  sample_accuracy = float(np.mean(predicted == labels))
-  images_lib.save_grid(images, workdir / "samples.png", nrow=config.sample.per_class)
-  np.savez(workdir / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels)
-  timings["samples_s"] = time.perf_counter() - start - sum(timings.values())
-  summary = {"sample_class_accuracy": sample_accuracy, "real_digit_accuracy": real_accuracy,
-             "chance": 1.0 / gen_config.num_classes, "num_samples": len(labels), **timings,
-             "total_s": time.perf_counter() - start}
-  (workdir / "demo.json").write_text(json.dumps(summary, indent=2))
-  print(f"samples: {workdir / 'samples.png'}; a classifier trained on real digits recognises "
-        f"{100 * sample_accuracy:.0f}% of them (chance 10%, real held-out digits {100 * real_accuracy:.0f}%); "
-        f"{summary['total_s'] / 60:.1f} min in all", flush=True)
+  _edit_inputs(workdir, config.tokenizer.model.img_size)
+  scores = evaluate(config, workdir)
+  lap("samples")
+  summary = _update_summary(workdir, {**scores, **timings, "total_s": time.perf_counter() - start})
+  print(f"{summary['total_s'] / 60:.1f} min in all; next: --mode=sample, edit, features or evaluate on this "
+        "workdir", flush=True)
   return summary

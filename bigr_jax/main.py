@@ -1,62 +1,94 @@
 """Entry point: `python -m bigr_jax.main --config=configs/X.py[:args] --workdir=DIR [--mode=...]`.
 
-Modes: train (the config's model family decides which trainer), sample, encode, edit, features, evaluate,
-demo (the embedded default end to end). Any config field can be overridden: --config.optim.lr=2e-4.
+Any config field can be overridden (--config.optim.lr=2e-4); a misspelled one is an error. `MODES` lists each
+mode, the config families it accepts and what it runs; the config's `family` field names its family.
 """
+
+from typing import Callable, NamedTuple
 
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
+from bigr_jax import demo, evaluation, parallel
+from bigr_jax.sampling import run_sample
+from bigr_jax.train import checkpoints, generator, tokenizer
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (with optional :args).",
-                                lock_config=False)
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (with optional :args).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created if missing).")
-flags.DEFINE_string("mode", None, "Overrides config.mode: train | sample | encode | edit | features | evaluate | demo.")
+flags.DEFINE_string("mode", None, "Overrides config.mode; one of bigr_jax.main.MODES.")
 flags.mark_flags_as_required(["workdir"])
 
 
+def _features(config, workdir):
+  evaluation.extract_features(config, workdir)
+  return evaluation.probe_features(config, workdir)
+
+
+def _evaluate(config, workdir):
+  return evaluation.evaluate_samples(config, workdir, sample_batch=run_sample.evaluation_samples(config, workdir))
+
+
+class Mode(NamedTuple):
+  help: str
+  entries: dict  # family -> entry(config, workdir)
+
+
+MODES = {
+    "train": Mode("train (or resume) a model in the workdir",
+                  {"generator": generator.train_and_evaluate, "tokenizer": tokenizer.train_and_evaluate,
+                   "demo": demo.run}),
+    "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE",
+                   {"tokenizer": tokenizer.encode_dataset}),
+    "sample": Mode("class-conditional samples: PNG grid and ADM-layout .npz",
+                   {"generator": run_sample.sample_to_workdir, "demo": demo.on_generator(run_sample.sample_to_workdir)}),
+    "edit": Mode("inpaint, outpaint, class edit, interpolation or enrichment (config.edit)",
+                 {"generator": run_sample.edit_to_workdir, "demo": demo.on_generator(run_sample.edit_to_workdir)}),
+    "features": Mode("pooled features of the code splits and a linear probe on them",
+                     {"generator": _features, "demo": demo.on_generator(_features)}),
+    "evaluate": Mode("score samples: FID / IS / precision-recall with the Inception (ImageNet); the digit "
+                     "classifier's verdict for the demo", {"generator": _evaluate, "demo": demo.evaluate}),
+    "demo": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict",
+                 {"demo": demo.run}),
+}
+
+
+def entry_point(config, mode: str) -> Callable:
+  """The function that runs `mode` for this config; a mode the config's family lacks is an error, before
+  any work starts."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+  family = config.get("family", None)
+  if family is None:
+    raise ValueError("the config declares no `family` (generator, tokenizer or demo)")
+  entries = MODES[mode].entries
+  if family not in entries:
+    modes = [name for name, m in MODES.items() if family in m.entries]
+    raise ValueError(f"--mode={mode} needs a config of family {' or '.join(entries)}; this config is a {family} "
+                     f"config, which runs the modes {', '.join(modes)}")
+  return entries[family]
+
+
 def run(config, workdir: str, mode: str):
-  from bigr_jax import parallel
+  entry = entry_point(config, mode)
   parallel.maybe_initialize_distributed()
-  family = config.get("family", "generator")
-  if mode == "train" and family == "generator":
-    from bigr_jax.train import generator
-    return generator.train_and_evaluate(config, workdir)
-  if mode == "train" and family == "tokenizer":
-    from bigr_jax.train import tokenizer
-    return tokenizer.train_and_evaluate(config, workdir)
-  if mode == "encode" and family == "tokenizer":
-    from bigr_jax.train import tokenizer
-    return tokenizer.encode_dataset(config, workdir)
-  if mode == "demo":
-    from bigr_jax import demo
-    return demo.run(config, workdir)
-  if mode == "sample":
-    from bigr_jax.sampling import run_sample
-    return run_sample.sample_to_workdir(config, workdir)
-  if mode == "features":
-    from bigr_jax import evaluation
-    evaluation.extract_features(config, workdir)
-    return evaluation.probe_features(config, workdir)
-  if mode == "evaluate":
-    from bigr_jax import evaluation
-    from bigr_jax.sampling import run_sample
-    return evaluation.evaluate_samples(config, workdir, sample_batch=run_sample.evaluation_samples(config, workdir))
-  if mode == "edit":
-    from bigr_jax.sampling import run_sample
-    return run_sample.edit_to_workdir(config, workdir)
-  raise ValueError(f"mode {mode!r} is not available for a {family} config")
+  return entry(config, workdir)
+
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain are chatty at INFO
-  from bigr_jax.train.checkpoints import Preempted
   config = FLAGS.config
+  mode = FLAGS.mode or config.mode
   try:
-    run(config, FLAGS.workdir, FLAGS.mode or config.get("mode", "train"))
-  except Preempted as e:
+    entry_point(config, mode)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    run(config, FLAGS.workdir, mode)
+  except checkpoints.Preempted as e:
     print(e, flush=True)
     raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
 

@@ -1,5 +1,6 @@
 """Device mesh, logical-axis sharding rules, and host-local to global batches."""
 
+import dataclasses
 import os
 from typing import Any, Sequence, Tuple
 
@@ -7,6 +8,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from bigr_jax import typed_config
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -23,6 +26,20 @@ DEFAULT_RULES = (
     ("bits", None),
     ("tokens", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes (`config.mesh`); one of data / fsdp / tensor may be -1 (the remaining devices).
+  dcn_data > 1 spreads `data` over that many slices (multi-slice TPU)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  dcn_data: int = 1
+
+  @classmethod
+  def from_config(cls, section) -> "MeshConfig":
+    return section if isinstance(section, cls) else typed_config.from_section(cls, section, "config.mesh")
 
 
 def maybe_initialize_distributed() -> None:
@@ -61,10 +78,11 @@ def mesh_shape(sizes: Sequence[int], num_devices: int) -> Tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Mesh ('data', 'fsdp', 'tensor') from config sizes; `dcn_data` > 1 spreads `data` over slices."""
+  """Mesh ('data', 'fsdp', 'tensor') from `config.mesh` (a section or a MeshConfig)."""
+  mesh_config = MeshConfig.from_config(mesh_config)
   devices = np.asarray(devices if devices is not None else jax.devices())
   sizes = mesh_shape([mesh_config.data, mesh_config.fsdp, mesh_config.tensor], devices.size)
-  dcn = int(mesh_config.get("dcn_data", 1))
+  dcn = mesh_config.dcn_data
   if dcn > 1:
     from jax.experimental import mesh_utils
     per_slice = list(sizes)
@@ -98,9 +116,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch is split: the product of the batch axes."""
+  return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+
+
+def round_up_to_shards(batch_size: int, mesh: Mesh) -> int:
+  """The smallest global batch >= `batch_size` that splits over the batch shards of every host."""
+  multiple = batch_shards(mesh) * jax.process_count()
+  return -(-batch_size // multiple) * multiple
+
+
+def pad_to_shards(array: np.ndarray, mesh: Mesh, mode: str = "edge") -> np.ndarray:
+  """Pads axis 0 to a multiple of the batch shards (a last batch the mesh cannot split); slice the result
+  back to `len(array)`."""
+  pad = round_up_to_shards(len(array), mesh) - len(array)
+  return np.pad(array, [(0, pad)] + [(0, 0)] * (np.ndim(array) - 1), mode=mode) if pad else array
+
+
 def batch_size_per_process(global_batch_size: int, mesh: Mesh) -> int:
   """Host-local batch; the global batch must split evenly over the batch axes and the hosts."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = batch_shards(mesh)
   if global_batch_size % shards:
     raise ValueError(f"batch size {global_batch_size} is not divisible by the {shards} batch shards of the mesh "
                      f"{dict(mesh.shape)}")

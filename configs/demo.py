@@ -1,8 +1,12 @@
 """The embedded default: BiGR end to end on scikit-learn's handwritten digits, sized for a 2-core CPU.
 
-Trains a tiny B-AE on the digits (16 px, 4x4 tokens of 16 bits), extracts the digits' codes, trains a tiny
-BiGR generator on them, samples every class and scores the samples with a classifier trained on real digits.
-Everything lands in the workdir: tokenizer/, generator/, samples.png, samples.npz, demo.json.
+Trains a tiny B-AE on the digits (16 px, 4x4 tokens of 16 bits), extracts the codes of the training and the
+held-out digits, trains a tiny BiGR generator on them, samples every class and scores the samples with a
+classifier trained on real digits. Everything lands in the workdir: tokenizer/, generator/, samples.png,
+samples.npz, demo.json. Then every other mode runs on that workdir (see bigr_jax/demo.py):
+  python -m bigr_jax.main --config=configs/demo.py --workdir=workdir/demo --mode=sample|edit|features|evaluate
+The tokenizer's settings are `--config.tokenizer.*`, the generator's (and its sampler's, `generator.sample.*`)
+`--config.generator.*`.
 Arguments: `quick` (a few steps of each stage, for tests).
 """
 
@@ -14,8 +18,8 @@ from bigr_jax import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, quick=False)
   c = ml_collections.ConfigDict()
+  c.family = "demo"
   c.mode = "demo"
-  c.seed = 0
 
   tok = config_lib.base_tokenizer_config(bits=16, image_size=256, total_steps=0, arg="runlocal")
   tok.total_steps = 600
@@ -29,7 +33,6 @@ def get_config(arg=None):
   tok.ema_decay, tok.ema_every = 0.99, 1  # the release's 0.995 every 10 steps would lag a 600-step run
   tok.loss.disc_start_step = 10**9  # L1 only: a GAN needs far longer than a demo
   tok.model.deterministic = True  # thresholded bits: a tiny B-AE converges faster than with sampled ones
-  tok.mesh.update(data=-1)
   c.tokenizer = tok
 
   gen = config_lib.base_generator_config()
@@ -43,14 +46,17 @@ def get_config(arg=None):
   gen.checkpoint_every = 1000
   gen.optim.lr = 2e-3
   gen.ema_decay = 0.999
-  gen.data.update(name="codes", split="train", flip=False, worker_count=0)
+  gen.data.update(name="codes", split="train", flip=False, worker_count=0)  # data_dir: the workdir's codes
+  # The demo's own B-AE decodes; its checkpoint is the workdir's tokenizer/ unless set.
+  gen.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", config="", model=tok.model))
+  gen.sample.update(per_class=10, batch_size=0, num_iter=8, cfg_scale=2.0, gumbel_temp=0.0, infer_steps=100)
+  gen.evaluation.update(splits=("train", "test"), batch_size=64)
+  gen.evaluation.probe.update(epochs=30, batch_size=256, eval_batch_size=512, warmup_epochs=3.0)
   c.generator = gen
 
-  c.sample = ml_collections.ConfigDict(dict(
-      per_class=10, num_iter=8, cfg_scale=2.0, gumbel_temp=0.0, cfg_schedule="constant",
-      gumbel_schedule="constant", infer_steps=100))
   if arg.quick:
     tok.total_steps, tok.log_every, tok.checkpoint_every = 30, 15, 30
     gen.total_steps, gen.log_every, gen.checkpoint_every = 30, 15, 30
-    c.sample.update(per_class=2, num_iter=4, infer_steps=20)
+    gen.sample.update(per_class=2, num_iter=4, infer_steps=20)
+    gen.evaluation.probe.epochs = 3
   return c

@@ -16,10 +16,8 @@ from bigr_jax import data
 from bigr_jax.data import sources
 
 
-def _config(**fields) -> ml_collections.ConfigDict:
-  config = data.default_data_config()
-  config.update(fields)
-  return config
+def _config(**fields) -> data.DataConfig:
+  return data.DataConfig(**fields)
 
 
 def _take(iterator, n):

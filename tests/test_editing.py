@@ -80,11 +80,11 @@ def test_resample_known_matches_original_budget(tiny, known_more):  # noqa: F811
   cfg, params = tiny
   bits = _input_bits(cfg, seed=1)
   mask = BOX if known_more else ~BOX
-  out = editing.inpaint(cfg, params, bits, mask, jax.random.key(5), label=[2, 9], config=CONFIG,
-                        resample_known=True)
+  out = editing.inpaint(cfg, params, bits, mask, jax.random.key(5), label=[2, 9],
+                        config=CONFIG.replace(resample_known=True))
   regenerate = np.broadcast_to(mask.reshape(1, -1), (2, cfg.seq_len)).copy()
-  want = reference_complete(cfg, params, np.array([2, 9]), jax.random.key(5), bits, regenerate, CONFIG,
-                            resample_known=True)
+  want = reference_complete(cfg, params, np.array([2, 9]), jax.random.key(5), bits, regenerate,
+                            CONFIG.replace(resample_known=True))
   np.testing.assert_array_equal(np.asarray(out.bits), want)
   decoded_at = np.asarray(out.decoded_at)
   assert (decoded_at[regenerate] >= 0).all()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bigr_jax import parallel
+from bigr_jax import artifacts, parallel
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.evaluation import inception
 from bigr_jax.evaluation import linear_probe
@@ -407,7 +407,8 @@ def test_evaluate_samples_end_to_end(tmp_path, flax_inception, parity_images, mo
   reference = rng.integers(0, 256, (6,) + parity_images.shape[1:], dtype=np.uint8)
   samples = np.concatenate([reference[:3], rng.integers(0, 256, (3,) + parity_images.shape[1:], dtype=np.uint8)])
   np.savez(tmp_path / "ref.npz", arr_0=reference)
-  metrics.write_sample_batch(str(tmp_path / "samples.npz"), samples, np.arange(6))
+  # Where --mode=evaluate puts (and finds) its sample batch.
+  metrics.write_sample_batch(str(artifacts.output_path(tmp_path, artifacts.EVALUATION_SAMPLES)), samples, np.arange(6))
   config = ml_collections.ConfigDict({"evaluation": {"reference_batch": str(tmp_path / "ref.npz"), "batch_size": 2},
                                       "mesh": {"data": 2, "fsdp": 1, "tensor": 1}})
   mesh = _mesh(2, 1, 1, jax.devices()[:2])
@@ -525,7 +526,7 @@ def test_entry_points_extract_and_probe(tmp_path, tiny_params):
   fields = {f: getattr(TINY, f) for f in ("dim", "n_layer", "n_head", "denoise_hidden_dim", "num_block_mlp",
                                           "block_size", "seq_len", "num_classes", "binary_size")}
   config = ml_collections.ConfigDict({
-      "model": fields, "data": {"name": "synthetic"}, "mesh": {"data": 4, "fsdp": 2, "tensor": 1},
+      "seed": 0, "model": fields, "data": {"name": "synthetic"}, "mesh": {"data": 4, "fsdp": 2, "tensor": 1},
       "evaluation": {"layers": (1,), "batch_size": 96, "batches_per_chunk": 2,
                      "probe": {"epochs": 20, "batch_size": 64, "base_lr": 20.0, "warmup_epochs": 2}}})
   dirs = run_lib.extract_features(config, str(tmp_path), params=tiny_params)
@@ -550,7 +551,7 @@ def test_evaluation_config_checks():
   config = ml_collections.ConfigDict({"evaluation": {"layers": (3,), "probe": {"epochs": 5}}})
   ev = run_lib.evaluation_config(config)
   assert ev.layers == (3,) and ev.probe.epochs == 5 and ev.probe.batch_size == 16384
-  with pytest.raises(ValueError, match="unknown config.evaluation fields"):
+  with pytest.raises(ValueError, match=r"unknown config.evaluation field\(s\) \['layer'\]"):
     run_lib.evaluation_config(ml_collections.ConfigDict({"evaluation": {"layer": 3}}))
   with pytest.raises(ValueError, match="condition"):
     run_lib.evaluation_config(ml_collections.ConfigDict({"evaluation": {"condition": "cls"}}))

@@ -25,8 +25,7 @@ def _uniform(rng, purpose, shape, *indices):
   return np.asarray(jax.random.uniform(sampler.noise_key(rng, purpose, *indices), shape))
 
 
-def reference_complete(model_config, params, labels, rng, bits, regenerate, config, *, label_weights=None,
-                       resample_known=False):
+def reference_complete(model_config, params, labels, rng, bits, regenerate, config, *, label_weights=None):
   """The original's `generate_with_cfg` / `inpaint_with_cfg` and `BinaryDiffusion.sample`, step by step.
 
   A Python loop over numpy arrays around single model calls, written after the original code (CFG batch,
@@ -47,6 +46,7 @@ def reference_complete(model_config, params, labels, rng, bits, regenerate, conf
   steps = transcoder.inference_timesteps(model_config.n_sample_steps, config.infer_steps)
   seq = np.where(regenerate[..., None], 0.0, bits).astype(np.float32)
   unknown = regenerate.copy()
+  resample_known = config.resample_known
   budget = int((~regenerate[0]).sum()) if resample_known else int(regenerate[0].sum())
 
   def decode_one_step(iteration, cfg):
@@ -210,7 +210,7 @@ def test_program_size_does_not_grow_with_iterations(tiny):
   for num_iter in (4, 8):
     config = sampler.SamplerConfig(num_iter=num_iter, transcode_sizes=2)
     tables = {k: jnp.asarray(v) for k, v in config.tables(cfg.seq_len).items()}
-    static = sampler._Static(sampler._static_part(config), cfg, False, None, ("data",))  # pylint: disable=protected-access
+    static = sampler._Static(sampler._static_part(config), cfg, None, ("data",))  # pylint: disable=protected-access
     lowered = sampler._sample.lower(params, labels, None, jax.random.key(0), jnp.zeros((2, 16, 8)),  # pylint: disable=protected-access
                                     jnp.ones((2, 16), bool), tables, static=static)
     sizes.append(len(lowered.as_text()))

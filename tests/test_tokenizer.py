@@ -18,6 +18,7 @@ from bigr_jax.convert import io, tokenizer_weights as tw
 from bigr_jax.models import tokenizer
 from bigr_jax.models.discriminator import Discriminator
 from bigr_jax.models.lpips import LPIPS, VGG16_CONVS
+from bigr_jax import trees
 
 TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -262,11 +263,11 @@ def test_mismatches_are_listed():
 def test_param_counts_of_released_models():
   expected = {"bae_d24": (65_530_654, 337), "bae_d32": (65_534_758, 337), "bae_d32_512": (61_328_166, 297)}
   for name, (count, num_keys) in expected.items():
-    config = tokenizer.TokenizerConfig(**_load_config_file(name)().model.to_dict())
-    assert tokenizer.count_params(tokenizer.param_shapes(config)) == count, name
+    config = tokenizer.TokenizerConfig.from_config(_load_config_file(name)().model)
+    assert trees.count_params(tokenizer.param_shapes(config)) == count, name
     specs = tw.tokenizer_specs(config)
     assert len(specs) == num_keys and sum(int(np.prod(s[3])) for s in specs) == count, name
-    local = tokenizer.TokenizerConfig(**_load_config_file(name)("runlocal").model.to_dict())
+    local = tokenizer.TokenizerConfig.from_config(_load_config_file(name)("runlocal").model)
     assert local.latent_size in (4, 8) and local.codebook_size == config.codebook_size
 
 
@@ -275,7 +276,7 @@ def test_param_counts_of_released_models():
 def test_keys_match_dumps_of_the_original(name, config_name):
   dump = STATE_DICT_DUMPS / f"{name}.txt"
   rows = [line.split("\t") for line in dump.read_text().splitlines() if line and not line.startswith("#")]
-  config = tokenizer.TokenizerConfig(**_load_config_file(config_name)().model.to_dict())
+  config = tokenizer.TokenizerConfig.from_config(_load_config_file(config_name)().model)
   want = [(key, shape) for key, shape, *_ in rows]
   assert [(key, str(shape)) for key, _, _, shape in tw.tokenizer_specs(config)] == want
 

@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from bigr_jax import config_lib, parallel
+from bigr_jax import config_lib, data, parallel
 from bigr_jax.models import bigr
-from bigr_jax.train import checkpoints, data_feed, generator, metrics as metrics_lib
+from bigr_jax.models.config import GeneratorConfig
+from bigr_jax.train import checkpoints, generator, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def tiny_config(**mesh):
 
 
 def synthetic_batches(config, start=0):
-  source = data_feed.SyntheticCodes(config.model.seq_len, config.model.binary_size, config.model.num_classes)
+  source = data.SyntheticCodes(config.model.seq_len, config.model.binary_size, config.model.num_classes)
   for step in itertools.count(start):
     items = [source[step * config.batch_size + i] for i in range(config.batch_size)]
     yield {"bits": np.stack([x["codes"] for x in items]), "label": np.stack([x["label"] for x in items])}
@@ -76,7 +77,7 @@ def test_gradients_agree_under_every_remat_policy(scan_layers):
   "full" recomputes them."""
   config = tiny_config(data=1, fsdp=1, tensor=1)
   config.model.update(scan_layers=scan_layers)
-  model_config = generator.generator_config(config)
+  model_config = GeneratorConfig.from_config(config.model)
   params = bigr.init_params(model_config, jax.random.key(0))
   batch = next(synthetic_batches(config))
   rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}

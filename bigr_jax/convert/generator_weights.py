@@ -181,14 +181,3 @@ def _set(tree: dict, path, value) -> None:
   for name in path[:-1]:
     tree = tree.setdefault(name, {})
   tree[path[-1]] = value
-
-
-def weight_decay_mask(config: GeneratorConfig) -> dict:
-  """True for the tensors the original decays: >= 2 dims (as PyTorch sees them), not biases, not the transcoder."""
-  shapes = expected_torch_shapes(config)
-  mask: dict = {}
-  for e in entries(config):
-    decayed = (len(shapes[e.torch_key]) >= 2 and not e.torch_key.endswith(".bias")
-               and not e.torch_key.startswith("denoise_mlp."))
-    _set(mask, e.flax_path, decayed)
-  return mask

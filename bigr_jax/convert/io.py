@@ -1,11 +1,11 @@
 """Reading and writing PyTorch-style state dicts (.pt/.pth/.th/.bin, .npz, .safetensors) as numpy arrays."""
 
-import os
 import pathlib
-import tempfile
 from typing import Mapping, Optional
 
 import numpy as np
+
+from bigr_jax import files
 
 TORCH_SUFFIXES = (".th", ".pt", ".pth", ".bin")
 SUFFIXES = TORCH_SUFFIXES + (".npz", ".safetensors")
@@ -75,10 +75,7 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path, wrap_key: Optio
     raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
   arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # ascontiguousarray makes 0-d 1-d
   aliases = dict(aliases or {})
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-  os.close(handle)
-  try:
+  with files.atomic_path(path) as tmp:
     if suffix in TORCH_SUFFIXES:
       import torch
       tensors = {}
@@ -91,9 +88,4 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path, wrap_key: Optio
     else:
       from safetensors.numpy import save_file
       save_file(arrays, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return path

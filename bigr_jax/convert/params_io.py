@@ -31,13 +31,24 @@ def load_params(directory, abstract_params: Optional[Any] = None) -> Any:
                        f"{e}") from e
 
 
-def train_state_params(workdir, use_ema: bool = True, step: Optional[int] = None) -> Any:
-  """Params (EMA by default) from a training workdir's latest (or given) checkpoint, as numpy arrays."""
+def train_state(workdir, step: Optional[int] = None) -> dict:
+  """Every field of a training workdir's latest (or given) finished checkpoint, as numpy trees. It is
+  restored onto one local device, so a workdir written on any mesh or topology (a pod) loads here."""
   root = pathlib.Path(workdir).absolute() / "checkpoints"
-  steps = sorted(int(p.name) for p in root.glob("[0-9]*") if p.is_dir()) if root.exists() else []
+  # Finished checkpoints only: orbax writes into "<step>.orbax-checkpoint-tmp-*" and renames when done.
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()) if root.exists() else []
   if not steps:
     raise FileNotFoundError(f"no training checkpoints under {root}")
-  step = steps[-1] if step is None else step
+  path = root / str(steps[-1] if step is None else step) / "state"
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(root / str(step) / "state")
-  return jax.tree_util.tree_map(np.asarray, state["ema_params" if use_ema else "params"])
+    metadata = checkpointer.metadata(path)
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    getattr(metadata, "item_metadata", metadata))
+    state = checkpointer.restore(path, target)
+  return jax.tree_util.tree_map(np.asarray, state)
+
+
+def train_state_params(workdir, use_ema: bool = True, step: Optional[int] = None) -> Any:
+  """Params (EMA by default) of a training workdir's latest (or given) checkpoint, as numpy trees."""
+  return train_state(workdir, step)["ema_params" if use_ema else "params"]

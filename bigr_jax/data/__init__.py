@@ -11,12 +11,13 @@ Typical use (a trainer):
 
 from bigr_jax.data.builder import build_source
 from bigr_jax.data.builder import build_transforms
-from bigr_jax.data.builder import default_data_config
+from bigr_jax.data.builder import DataConfig
 from bigr_jax.data.builder import SOURCE_NAMES
 from bigr_jax.data.codes import CodesSource
 from bigr_jax.data.codes import CodesWriter
 from bigr_jax.data.codes import encode_to_codes
 from bigr_jax.data.codes import OriginalCodesSource
+from bigr_jax.data.codes import SyntheticCodes
 from bigr_jax.data.loader import make_loader
 from bigr_jax.data.loader import per_host_batch_size
 from bigr_jax.data.sources import BadImageError

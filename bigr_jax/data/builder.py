@@ -1,9 +1,9 @@
 """Config-facing constructors: `config.data` -> source and transforms."""
 
+import dataclasses
 import os
 
-import ml_collections
-
+from bigr_jax import typed_config
 from bigr_jax.data import codes as codes_lib
 from bigr_jax.data import sources
 from bigr_jax.data import transforms as transforms_lib
@@ -12,25 +12,38 @@ SOURCE_NAMES = ("digits", "imagenet", "folder", "codes", "original_codes")
 CODE_SOURCES = ("codes", "original_codes")
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every field `build_source` / `build_transforms` read, with defaults (the embedded digits)."""
-  return ml_collections.ConfigDict({
-      "name": "digits",
-      "data_dir": "",
-      "split": "train",
-      "image_size": 32,
-      "flip": False,
-      "on_bad_image": "raise",
-      "min_image_size": 16,
-      "tfds_name": "imagenet2012",
-      "code_bits": 0,
-      "code_grid": 16,
-      "allow_partial_codes": False,
-  })
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """`config.data`: which records a run reads, and how (see `build_source` for each field)."""
+  name: str = "digits"
+  data_dir: str = ""
+  split: str = "train"
+  eval_split: str = "validation"  # tokenizer training: the held-out images of its reconstruction grids
+  image_size: int = 32
+  flip: bool = False
+  worker_count: int = 0  # grain worker processes (0: in the main process)
+  on_bad_image: str = "raise"
+  min_image_size: int = 16
+  tfds_name: str = "imagenet2012"
+  code_bits: int = 0
+  code_grid: int = 16
+  allow_partial_codes: bool = False
+
+  def __post_init__(self):
+    if self.on_bad_image not in sources.ON_BAD_IMAGE_CHOICES:
+      raise ValueError(f"data.on_bad_image={self.on_bad_image!r}; expected one of {sources.ON_BAD_IMAGE_CHOICES}")
+    if self.min_image_size < 0 or self.worker_count < 0 or self.image_size < 1:
+      raise ValueError(f"data.min_image_size / worker_count must be >= 0 and image_size >= 1: {self}")
+
+  @classmethod
+  def from_config(cls, section, **overrides) -> "DataConfig":
+    if isinstance(section, cls):
+      return dataclasses.replace(section, **overrides)
+    return typed_config.from_section(cls, section, "config.data", **overrides)
 
 
-def _split_dir(data_config) -> str:
-  data_dir, split = data_config.get("data_dir", ""), data_config.get("split", "train")
+def _split_dir(data_config: DataConfig) -> str:
+  data_dir, split = data_config.data_dir, data_config.split
   if not data_dir:
     raise ValueError(f"data.name={data_config.name!r} needs data.data_dir")
   return os.path.join(data_dir, split) if split else data_dir
@@ -39,8 +52,7 @@ def _split_dir(data_config) -> str:
 def build_source(data_config):
   """The random-access source `data_config` describes.
 
-  Fields of `data_config` (an ml_collections ConfigDict; missing optional fields take the defaults of
-  `default_data_config`):
+  Fields of `data_config` (a `DataConfig`, or a config section it is built from):
     name: "digits" (embedded scikit-learn digits, no files), "imagenet" (tfds array_record, see
       `sources` for the one-off preparation), "folder" (class sub-folders of images, as ImageFolder),
       "codes" (our pre-extracted codes, `codes.CodesWriter`), "original_codes" (the original's
@@ -66,31 +78,27 @@ def build_source(data_config):
     The source; records are `dict(image=uint8 HxWx3, label=int32)` for image sources and
     `dict(codes=uint8 (T, K), label=int32)` for code sources (before `build_transforms`).
   """
-  defaults = default_data_config()
-  get = lambda key: data_config.get(key, defaults[key])  # pylint: disable=unnecessary-lambda-assignment
-  name = get("name")
+  data_config = DataConfig.from_config(data_config)
+  name = data_config.name
   if name not in SOURCE_NAMES:
     raise ValueError(f"data.name={name!r}; expected one of {SOURCE_NAMES}")
-  if get("on_bad_image") not in sources.ON_BAD_IMAGE_CHOICES:
-    raise ValueError(f"data.on_bad_image={get('on_bad_image')!r}; expected one of "
-                     f"{sources.ON_BAD_IMAGE_CHOICES}")
-  decode_options = dict(on_bad_image=get("on_bad_image"), min_image_size=get("min_image_size"))
+  decode_options = dict(on_bad_image=data_config.on_bad_image, min_image_size=data_config.min_image_size)
   if name == "digits":
-    return sources.DigitsSource(split=get("split"), image_size=get("image_size"))
+    return sources.DigitsSource(split=data_config.split, image_size=data_config.image_size)
   if name == "imagenet":
-    return sources.TfdsImageSource(get("tfds_name"), split=get("split"),
-                                   data_dir=get("data_dir") or None, **decode_options)
+    return sources.TfdsImageSource(data_config.tfds_name, split=data_config.split,
+                                   data_dir=data_config.data_dir or None, **decode_options)
   if name == "folder":
     return sources.ImageFolderSource(_split_dir(data_config), **decode_options)
   if name == "codes":
-    return codes_lib.CodesSource(_split_dir(data_config), flip=get("flip"),
-                                 allow_partial=get("allow_partial_codes"))
-  if get("flip"):
+    return codes_lib.CodesSource(_split_dir(data_config), flip=data_config.flip,
+                                 allow_partial=data_config.allow_partial_codes)
+  if data_config.flip:
     raise ValueError("data.name='original_codes' stores no codes of flipped images; set data.flip=False")
-  if not get("data_dir"):
+  if not data_config.data_dir:
     raise ValueError("data.name='original_codes' needs data.data_dir (the directory of *_ids.bin)")
-  return codes_lib.OriginalCodesSource(get("data_dir"), split=get("split") or "train",
-                                       bits=get("code_bits"), grid=get("code_grid"))
+  return codes_lib.OriginalCodesSource(data_config.data_dir, split=data_config.split or "train",
+                                       bits=data_config.code_bits, grid=data_config.code_grid)
 
 
 def build_transforms(data_config) -> list:
@@ -99,8 +107,7 @@ def build_transforms(data_config) -> list:
   Images: center crop to `image_size`, random flip if `flip`, float32 in [0, 1]. Codes: choose the
   flipped codes with probability 1/2 if `flip`.
   """
-  defaults = default_data_config()
-  get = lambda key: data_config.get(key, defaults[key])  # pylint: disable=unnecessary-lambda-assignment
-  if get("name") in CODE_SOURCES:
-    return transforms_lib.codes_transforms(get("flip"))
-  return transforms_lib.image_transforms(get("image_size"), get("flip"))
+  data_config = DataConfig.from_config(data_config)
+  if data_config.name in CODE_SOURCES:
+    return transforms_lib.codes_transforms(data_config.flip)
+  return transforms_lib.image_transforms(data_config.image_size, data_config.flip)

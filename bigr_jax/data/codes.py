@@ -28,6 +28,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from bigr_jax import files
 from bigr_jax.data import transforms as transforms_lib
 
 FORMAT_NAME = "bigr_jax_codes"
@@ -36,15 +37,6 @@ META_FILE = "meta.json"
 CODES_FILE = "codes.npy"
 CODES_FLIPPED_FILE = "codes_flipped.npy"
 LABELS_FILE = "labels.npy"
-
-
-def write_json_atomic(path: str, obj: dict[str, Any]) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half of one
 
 
 def _read_meta(directory: str) -> dict[str, Any]:
@@ -129,7 +121,7 @@ class CodesWriter:
   def _commit(self) -> None:
     for arr in self._arrays.values():
       arr.flush()
-    write_json_atomic(os.path.join(self.directory, META_FILE), {**self._meta, "count": self.count})
+    files.write_json(os.path.join(self.directory, META_FILE), {**self._meta, "count": self.count})
 
   def _encode(self, codes: np.ndarray, what: str) -> np.ndarray:
     codes = _check_bits(codes, what)
@@ -363,3 +355,30 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
   if skipped:
     logging.warning("%d bad images were replaced by the next good one while encoding.", skipped)
   return writer
+
+
+class SyntheticCodes:
+  """Learnable stand-in codes: each class has a fixed bit pattern; samples flip each bit with p = `noise`.
+
+  A random-access source (grain-compatible), deterministic per (seed, index). For tests and benchmarks only.
+  """
+
+  def __init__(self, num_tokens: int, bits: int, num_classes: int, size: int = 4096, noise: float = 0.05,
+               seed: int = 0):
+    self.num_tokens, self.bits, self.num_classes = num_tokens, bits, num_classes
+    self.size, self.noise, self.seed = size, noise, seed
+    rng = np.random.default_rng(seed)
+    self.patterns = rng.random((num_classes, num_tokens, bits)) < 0.5
+
+  def __len__(self):
+    return self.size
+
+  def __repr__(self):  # grain checks the source by repr when restoring an iterator
+    return (f"SyntheticCodes(num_tokens={self.num_tokens}, bits={self.bits}, num_classes={self.num_classes}, "
+            f"size={self.size}, noise={self.noise}, seed={self.seed})")
+
+  def __getitem__(self, index):
+    rng = np.random.default_rng((self.seed, int(index)))
+    label = int(index) % self.num_classes
+    flips = rng.random((self.num_tokens, self.bits)) < self.noise
+    return {"codes": np.logical_xor(self.patterns[label], flips).astype(np.uint8), "label": np.int32(label)}

@@ -32,9 +32,8 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from bigr_jax import parallel
+from bigr_jax import files, parallel
 from bigr_jax.models import bigr
-from bigr_jax.data.codes import write_json_atomic
 from bigr_jax.models.config import GeneratorConfig
 
 FORMAT_NAME = "bigr_jax_features"
@@ -102,7 +101,7 @@ class FeatureExtractor:
 
   @property
   def batch_shards(self) -> int:
-    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return parallel.batch_shards(self.mesh)
 
   def __call__(self, bits, labels) -> jax.Array:
     """Global batch (sharded, or host arrays on one process) -> (B, len(layers), dim) float32.
@@ -155,9 +154,8 @@ def batches_from_source(source, batch_size: int, *, start: int = 0, process_inde
 
 
 def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    np.save(tmp, array)
 
 
 def read_progress(directory: str) -> Optional[dict]:
@@ -234,7 +232,7 @@ def write_features(extractor: FeatureExtractor,
 
   is_writer = jax.process_index() == 0
   if is_writer:
-    write_json_atomic(os.path.join(directory, PROGRESS_FILE), progress)
+    files.write_json(os.path.join(directory, PROGRESS_FILE), progress)
   batch_size = progress["batch_size"]
   pending_features, pending_labels = [], []
   started, last_log, done_here = time.perf_counter(), time.perf_counter(), 0
@@ -252,7 +250,7 @@ def write_features(extractor: FeatureExtractor,
       pending_features, pending_labels = [], []
     progress["done"] = final
     if is_writer:
-      write_json_atomic(os.path.join(directory, PROGRESS_FILE), progress)
+      files.write_json(os.path.join(directory, PROGRESS_FILE), progress)
 
   batches_in_chunk = 0
   for batch in iterator:

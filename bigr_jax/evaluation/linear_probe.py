@@ -56,15 +56,6 @@ class ProbeConfig:
   def lr(self) -> float:
     return self.base_lr * self.batch_size / 256
 
-  @classmethod
-  def from_dict(cls, fields: Mapping) -> "ProbeConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"unknown probe fields {unknown}; known: {sorted(known)}")
-    return cls(**dict(fields))
-
-
 class FeatureNorm(nn.Module):
   """torch's BatchNorm1d(affine=False): batch statistics in training (running variance unbiased)."""
   eps: float = 1e-6
@@ -169,10 +160,6 @@ def _padded_rows(x: np.ndarray, size: int) -> np.ndarray:
   return x if len(x) == size else np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
 
 
-def _batch_multiple(mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
-
-
 def predict_logits(compiled: _Compiled, state, features: np.ndarray, batch_size: int) -> np.ndarray:
   """Logits of every row, in padded batches of `batch_size` (a multiple of the batch shards)."""
   out = []
@@ -212,13 +199,13 @@ def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_featu
   if train_features.ndim != 2 or len(train_features) != len(train_labels):
     raise ValueError(f"train features {train_features.shape} / labels {train_labels.shape} do not match")
   num_classes = int(num_classes or max(train_labels.max(), eval_labels.max(initial=0)) + 1)
-  multiple = _batch_multiple(mesh)
+  multiple = parallel.round_up_to_shards(1, mesh)
   batch = _round_down(min(config.batch_size, len(train_features)), multiple)
   if batch != config.batch_size:
     logging.warning("probe: batch %d -> %d (%d training examples, %d batch shards)", config.batch_size, batch,
                     len(train_features), multiple)
     config = dataclasses.replace(config, batch_size=batch)
-  eval_batch = -(-min(config.eval_batch_size, max(len(eval_features), 1)) // multiple) * multiple
+  eval_batch = parallel.round_up_to_shards(min(config.eval_batch_size, max(len(eval_features), 1)), mesh)
   steps_per_epoch = len(train_features) // batch
   if steps_per_epoch * config.epochs < 100:
     logging.warning("probe: only %d steps; BatchNorm's running statistics may not converge",

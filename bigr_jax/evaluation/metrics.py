@@ -362,8 +362,7 @@ class InceptionRunner:
 
   def __init__(self, params, mesh, batch_size: int = 200):
     self.mesh = mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] * jax.process_count()
-    self.batch_size = -(-batch_size // shards) * shards
+    self.batch_size = parallel.round_up_to_shards(batch_size, mesh)
     self.params = jax.device_put(params, parallel.replicated(mesh))
     model = inception_lib.FIDInceptionV3()
 

@@ -1,7 +1,6 @@
 """Entry points for `--mode=features` and `--mode=evaluate`: config -> files in the workdir.
 
-All settings live in `config.evaluation` (an ml_collections ConfigDict); missing fields take the defaults of
-`default_evaluation_config()`:
+All settings live in `config.evaluation`, the fields of `EvaluationConfig` (their defaults are its defaults):
 
   layers              blocks to pool (0-based; negative from the end; empty: the middle block n_layer // 2)
   condition           "null" (the null class, default) or "label" (the data's labels) as the class input
@@ -13,7 +12,8 @@ All settings live in `config.evaluation` (an ml_collections ConfigDict); missing
                       latest training checkpoint in the workdir
   use_ema             take the EMA params of a training checkpoint
   probe               linear-probe recipe, the fields of `linear_probe.ProbeConfig` (MAE defaults)
-  sample_batch        ADM-layout .npz of samples (empty: <workdir>/samples.npz)
+  sample_batch        ADM-layout .npz of samples (empty: <workdir>/samples/fid.npz, which --mode=evaluate
+                      generates first when it is missing)
   reference_batch     ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
   reference_stats     "recompute" (default: statistics of arr_0 through this Inception, so both sides use
                       the same network) or "file" (the batch's precomputed mu / sigma / mu_s / sigma_s,
@@ -27,16 +27,16 @@ The data of `--mode=features` is `config.data` with `split` replaced by each of 
 code source ("codes", "original_codes") or "synthetic" (the runlocal stand-in). The mesh is `config.mesh`.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
-from bigr_jax import parallel
+from bigr_jax import artifacts, data, files, parallel, typed_config
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.evaluation import inception
 from bigr_jax.evaluation import linear_probe
@@ -44,87 +44,67 @@ from bigr_jax.evaluation import metrics as metrics_lib
 from bigr_jax.models.config import GeneratorConfig
 
 
-def default_evaluation_config() -> ml_collections.ConfigDict:
-  """Every field the entry points read (see the module docstring)."""
-  return ml_collections.ConfigDict({
-      "layers": (),
-      "condition": "null",
-      "batch_size": 256,
-      "splits": ("train", "validation"),
-      "features_dir": "",
-      "batches_per_chunk": 50,
-      "params": "",
-      "use_ema": True,
-      "probe": ml_collections.ConfigDict({
-          f.name: f.default for f in linear_probe.dataclasses.fields(linear_probe.ProbeConfig)}),
-      "sample_batch": "",
-      "reference_batch": "",
-      "reference_stats": "recompute",
-      "inception_weights": "",
-      "num_samples": 0,
-      "pr_k": metrics_lib.PR_K,
-      "distance_dtype": "float32",
-  })
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+  """`config.evaluation`: every field the entry points read (see the module docstring)."""
+  layers: tuple = ()
+  condition: str = "null"
+  batch_size: int = 256
+  splits: tuple = ("train", "validation")
+  features_dir: str = ""
+  batches_per_chunk: int = 50
+  params: str = ""
+  use_ema: bool = True
+  probe: linear_probe.ProbeConfig = linear_probe.ProbeConfig()
+  sample_batch: str = ""
+  reference_batch: str = ""
+  reference_stats: str = "recompute"
+  inception_weights: str = ""
+  num_samples: int = 0
+  pr_k: int = metrics_lib.PR_K
+  distance_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.condition not in features_lib.CONDITIONS:
+      raise ValueError(f"evaluation.condition={self.condition!r}; expected one of {features_lib.CONDITIONS}")
+    if self.reference_stats not in ("recompute", "file"):
+      raise ValueError(f"evaluation.reference_stats={self.reference_stats!r}; expected 'recompute' or 'file'")
+    if self.distance_dtype not in ("float32", "float16"):
+      raise ValueError(f"evaluation.distance_dtype={self.distance_dtype!r}; expected 'float32' or 'float16'")
+
+  @classmethod
+  def from_config(cls, section) -> "EvaluationConfig":
+    return typed_config.from_section(cls, section, "config.evaluation")
 
 
-def evaluation_config(config) -> ml_collections.ConfigDict:
-  """`config.evaluation` over the defaults; unknown fields are an error (a typo would be silently ignored)."""
-  out = default_evaluation_config()
-  given = config.get("evaluation", None) if config is not None else None
-  if given:
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-    unknown = sorted(set(given) - set(out))
-    if unknown:
-      raise ValueError(f"unknown config.evaluation fields {unknown}; known: {sorted(out)}")
-    probe = given.pop("probe", None) or {}
-    out.update(given)
-    bad = sorted(set(probe) - set(out.probe))
-    if bad:
-      raise ValueError(f"unknown config.evaluation.probe fields {bad}; known: {sorted(out.probe)}")
-    out.probe.update(probe)
-  if out.condition not in features_lib.CONDITIONS:
-    raise ValueError(f"evaluation.condition={out.condition!r}; expected one of {features_lib.CONDITIONS}")
-  if out.reference_stats not in ("recompute", "file"):
-    raise ValueError(f"evaluation.reference_stats={out.reference_stats!r}; expected 'recompute' or 'file'")
-  if out.distance_dtype not in ("float32", "float16"):
-    raise ValueError(f"evaluation.distance_dtype={out.distance_dtype!r}; expected 'float32' or 'float16'")
-  return out
+def evaluation_config(config) -> EvaluationConfig:
+  """The run's `config.evaluation` (all defaults when the config has none)."""
+  return EvaluationConfig.from_config(config.get("evaluation", None) if config is not None else None)
 
 
 def _mesh(config, mesh):
   if mesh is not None:
     return mesh
-  mesh_config = config.get("mesh", None) if config is not None else None
-  return parallel.make_mesh(mesh_config or ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  return parallel.make_mesh(config.get("mesh", None) if config is not None else None)
 
 
 def load_generator_params(config, workdir: str, model_config: GeneratorConfig):
-  """evaluation.params (a converted params checkpoint) or the workdir's latest training checkpoint."""
-  import flax.linen as nn
-  from bigr_jax.convert import params_io
-  from bigr_jax.models import bigr
+  """evaluation.params (any weights source of `artifacts`), else the workdir's latest training checkpoint."""
   ev = evaluation_config(config)
-  if ev.params:
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                      bigr.param_shapes(model_config))
-    return params_io.load_params(ev.params, nn.meta.unbox(abstract))
   try:
-    return params_io.train_state_params(workdir, use_ema=ev.use_ema)
+    return artifacts.generator_params(ev.params or workdir, model_config, use_ema=ev.use_ema)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}: train in this workdir first, or set evaluation.params to a converted "
-                            "params checkpoint") from e
+                            "params checkpoint or a released file") from e
 
 
 def _code_source(config, split: str):
-  data_config = config.data.copy_and_resolve_references()
-  data_config.split = split
-  if data_config.name == "synthetic":
-    from bigr_jax.train.data_feed import SyntheticCodes
+  if config.data.name == "synthetic":
     model = config.model
     # One pattern set (one seed) for both splits; the eval split reads the records after the train split's.
-    codes = SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, size=1024, seed=config.get("seed", 0))
+    codes = data.SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, size=1024, seed=config.seed)
     return _Slice(codes, 0 if split == "train" else 512, 512)
-  from bigr_jax import data
+  data_config = data.DataConfig.from_config(config.data, split=split)
   if data_config.name not in data.builder.CODE_SOURCES:
     raise ValueError(f"feature extraction reads bit codes: data.name={data_config.name!r} is an image source. "
                      "Extract codes first (--mode=encode with a tokenizer config), then set data.name='codes'.")
@@ -146,7 +126,7 @@ class _Slice:
 
 def features_dir(config, workdir: str, split: str) -> str:
   ev = evaluation_config(config)
-  return os.path.join(ev.features_dir or os.path.join(workdir, "features"), split)
+  return os.path.join(ev.features_dir or str(artifacts.output_path(workdir, artifacts.FEATURES_DIR)), split)
 
 
 def extract_features(config, workdir: str, *, params=None, splits=None, mesh=None) -> dict[str, str]:
@@ -157,15 +137,14 @@ def extract_features(config, workdir: str, *, params=None, splits=None, mesh=Non
   batches_per_chunk, params, use_ema). `params` (unboxed) skips loading them from files.
   """
   ev = evaluation_config(config)
-  model_config = GeneratorConfig(**config.model.to_dict())
+  model_config = GeneratorConfig.from_config(config.model)
   mesh = _mesh(config, mesh)
   if params is None:
     params = load_generator_params(config, workdir, model_config)
   extractor = features_lib.FeatureExtractor(model_config, params, tuple(ev.layers), mesh=mesh,
                                             condition=ev.condition,
                                             rules=parallel.rules_from_config(config))
-  shards = extractor.batch_shards * jax.process_count()
-  batch_size = -(-ev.batch_size // shards) * shards
+  batch_size = parallel.round_up_to_shards(ev.batch_size, mesh)
   out = {}
   for split in splits or ev.splits:
     source = _code_source(config, split)
@@ -189,7 +168,7 @@ def probe_features(config, workdir: str, *, mesh=None) -> dict:
     raise ValueError(f"evaluation.splits={tuple(ev.splits)} needs a train and an eval split for the probe")
   train_feats, train_labels = features_lib.load_features(features_dir(config, workdir, ev.splits[0]))
   eval_feats, eval_labels = features_lib.load_features(features_dir(config, workdir, ev.splits[1]))
-  probe_config = linear_probe.ProbeConfig.from_dict(ev.probe.to_dict())
+  probe_config = ev.probe
   num_classes = config.model.get("num_classes", None) if config.get("model", None) else None
   result = linear_probe.layer_sweep(train_feats, train_labels, eval_feats, eval_labels, probe_config,
                                     mesh=_mesh(config, mesh), num_classes=num_classes)
@@ -201,11 +180,7 @@ def probe_features(config, workdir: str, *, mesh=None) -> dict:
 
 def _write_json(path: str, obj: Any) -> None:
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    files.write_json(path, obj)
 
 
 def reference_activations(runner: metrics_lib.InceptionRunner, reference_batch: str, cache_dir: str,
@@ -221,10 +196,8 @@ def reference_activations(runner: metrics_lib.InceptionRunner, reference_batch: 
         return metrics_lib.Activations(data["pool"], data["spatial"], None)
   acts = runner.npz_activations(reference_batch, probs=False)
   if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache}.tmp.npz"
-    np.savez(tmp, pool=acts.pool, spatial=acts.spatial, tag=np.asarray(tag))
-    os.replace(tmp, cache)
+    with files.atomic_path(cache) as tmp:
+      np.savez(tmp, pool=acts.pool, spatial=acts.spatial, tag=np.asarray(tag))
   return acts
 
 
@@ -238,7 +211,7 @@ def evaluate_samples(config, workdir: str, *, sample_batch: Optional[str] = None
   `inception_params` (Flax) skips reading the weights file.
   """
   ev = evaluation_config(config)
-  sample_batch = sample_batch or ev.sample_batch or os.path.join(workdir, "samples.npz")
+  sample_batch = sample_batch or ev.sample_batch or str(artifacts.output_path(workdir, artifacts.EVALUATION_SAMPLES))
   if not os.path.isfile(sample_batch):
     raise FileNotFoundError(f"no sample batch at {sample_batch!r}: sample first (--mode=sample) or set "
                             "evaluation.sample_batch")

@@ -164,8 +164,6 @@ def param_shapes(config: GeneratorConfig):
   return jax.eval_shape(lambda: BiGR(config).init({"params": jax.random.key(0)}, *init_inputs(config)))["params"]
 
 
-def count_params(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree)))
 
 
 def truncate_params(config: GeneratorConfig, params, last_layer: int):

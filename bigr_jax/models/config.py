@@ -1,10 +1,12 @@
-"""Generator hyper-parameters, named as the original `ModelArgs` names them."""
+"""Architectures of the generator (named as the original `ModelArgs` names them) and of the B-AE tokenizer."""
 
 import ast
 import dataclasses
 from typing import Optional
 
 import jax.numpy as jnp
+
+from bigr_jax import typed_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +15,8 @@ class GeneratorConfig:
 
   Field names follow the original `ModelArgs` so that a config string recorded from the original code
   can be read with `from_model_args`. The defaults are the released flags (use_adaLN, p_flip, focal 0,
-  alpha -1, 256 training / 100 inference diffusion steps).
+  alpha -1, 256 diffusion steps in training). The sampler's settings (the original's `infer_steps` and
+  `sample_temperature`) live in `sampling.sampler.SamplerConfig`.
   """
   dim: int = 1024
   n_layer: int = 24
@@ -40,8 +43,6 @@ class GeneratorConfig:
   focal: float = 0.0
   alpha: float = -1.0
   n_sample_steps: int = 256
-  infer_steps: int = 100
-  sample_temperature: float = 1.0
   use_adaLN: bool = True
   # Our own fields (no counterpart in the original).
   dtype: str = "float32"  # compute dtype; params stay float32
@@ -49,6 +50,10 @@ class GeneratorConfig:
   remat_policy: str = "none"  # none | full | dots | dots_saveable
 
   def __post_init__(self):
+    for name in ("dim", "n_layer", "n_head", "binary_size", "num_classes", "block_size", "denoise_hidden_dim",
+                 "num_block_mlp", "n_sample_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"generator {name}={getattr(self, name)} must be a positive integer")
     if self.dim % self.n_head:
       raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
     if self.n_head % self.kv_heads:
@@ -65,6 +70,11 @@ class GeneratorConfig:
     if self.remat_policy not in ("none", "full", "dots", "dots_saveable"):
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+  @classmethod
+  def from_config(cls, section) -> "GeneratorConfig":
+    """From a config's `model` section; unknown fields are an error."""
+    return typed_config.from_section(cls, section, "generator config.model")
 
   @property
   def head_dim(self) -> int:
@@ -97,6 +107,78 @@ class GeneratorConfig:
     return dataclasses.replace(self, **changes)
 
 
+
+QUANTIZERS = ("binary", "lfq")
+GROUPS = 32  # GroupNorm groups everywhere, as in the original
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  """Architecture of a B-AE. Defaults are the released d24 model at 256 px.
+
+  `quantizer="binary"` is the original: sigmoid bit probabilities, Bernoulli-sampled (or thresholded when
+  `deterministic`) bits with a straight-through gradient. `quantizer="lfq"` is our own addition, not in the
+  original: bits are always the sign of the logit (p > 0.5), with the same straight-through gradient, and
+  the aux dict's `entropy_loss` (per-bit lookup-free-quantization entropy penalty) is meant to be added to
+  the training loss.
+  """
+  codebook_size: int = 24  # K, bits per token
+  img_size: int = 256  # nominal size; attention placement depends on it, not on the input's size
+  nf: int = 128
+  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+  res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (16,)
+  emb_dim: int = 256
+  n_channels: int = 3
+  gen_mul: float = 1.0  # decoder res blocks per level = int(res_blocks * gen_mul), as in the original
+  norm_first: bool = True
+  deterministic: bool = False
+  quantizer: str = "binary"
+  dtype: str = "float32"  # compute dtype; params, norms and bit probabilities stay float32
+
+  def __post_init__(self):
+    # Lists from a config file or a recorded hparams string become tuples, so the config stays hashable.
+    object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+    object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+    if self.quantizer not in QUANTIZERS:
+      raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+    bad = sorted({self.nf * m for m in self.ch_mult + (1,)} | ({self.emb_dim} if self.norm_first else set()))
+    bad = [c for c in bad if c % GROUPS]
+    if bad:
+      raise ValueError(f"GroupNorm({GROUPS}) needs channel counts divisible by {GROUPS}; got {bad} "
+                       f"(from nf={self.nf}, ch_mult={self.ch_mult}, emb_dim={self.emb_dim})")
+    if self.img_size % self.downsample_factor:
+      raise ValueError(f"img_size={self.img_size} is not divisible by the downsampling factor "
+                       f"{self.downsample_factor} of ch_mult={self.ch_mult}")
+    if self.decoder_res_blocks < 1 or self.res_blocks < 1:
+      raise ValueError(f"res_blocks={self.res_blocks} with gen_mul={self.gen_mul} leaves no residual block")
+    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+  @classmethod
+  def from_config(cls, section) -> "TokenizerConfig":
+    """From a tokenizer config's `model` section; unknown fields are an error."""
+    return typed_config.from_section(cls, section, "tokenizer config.model")
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.ch_mult) - 1)
+
+  @property
+  def latent_size(self) -> int:
+    return self.img_size // self.downsample_factor
+
+  @property
+  def decoder_res_blocks(self) -> int:
+    return int(self.res_blocks * self.gen_mul)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **changes) -> "TokenizerConfig":
+    return dataclasses.replace(self, **changes)
+
+
 # The original's model sizes (`BIGR_L`, `BIGR_XL`, `BIGR_XXL`, `BIGR_L_512`).
 MODEL_SIZES = {
     "L": dict(n_layer=24, n_head=16, dim=1024, num_block_mlp=3, denoise_hidden_dim=1024),
@@ -120,7 +202,8 @@ def from_model_args(model_args, **overrides) -> GeneratorConfig:
     model_args = ast.literal_eval(model_args)
   known = {f.name for f in dataclasses.fields(GeneratorConfig)}
   ignored = {"caption_dim", "max_seq_len", "max_batch_size", "quant_size", "mask_ratio_min", "mask_ratio_max",
-             "mask_ratio_mu", "mask_ratio_std", "smoothing", "gen_iter"}  # unused by the original's code
+             "mask_ratio_mu", "mask_ratio_std", "smoothing", "gen_iter",  # unused by the original's code
+             "infer_steps", "sample_temperature"}  # sampler settings: SamplerConfig
   unsupported = {"n_repeat": 1, "aux": 0.0, "drop_path_rate": 0.0}  # every release uses these values
   kwargs = {}
   for key, value in dict(model_args).items():

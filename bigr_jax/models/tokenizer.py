@@ -15,71 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZERS = ("binary", "lfq")
-GROUPS = 32  # GroupNorm groups everywhere, as in the original
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
-  """Architecture of a B-AE. Defaults are the released d24 model at 256 px.
-
-  `quantizer="binary"` is the original: sigmoid bit probabilities, Bernoulli-sampled (or thresholded when
-  `deterministic`) bits with a straight-through gradient. `quantizer="lfq"` is our own addition, not in the
-  original: bits are always the sign of the logit (p > 0.5), with the same straight-through gradient, and
-  the aux dict's `entropy_loss` (per-bit lookup-free-quantization entropy penalty) is meant to be added to
-  the training loss.
-  """
-  codebook_size: int = 24  # K, bits per token
-  img_size: int = 256  # nominal size; attention placement depends on it, not on the input's size
-  nf: int = 128
-  ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-  res_blocks: int = 2
-  attn_resolutions: tuple[int, ...] = (16,)
-  emb_dim: int = 256
-  n_channels: int = 3
-  gen_mul: float = 1.0  # decoder res blocks per level = int(res_blocks * gen_mul), as in the original
-  norm_first: bool = True
-  deterministic: bool = False
-  quantizer: str = "binary"
-  dtype: str = "float32"  # compute dtype; params, norms and bit probabilities stay float32
-
-  def __post_init__(self):
-    # Lists from a config file or a recorded hparams string become tuples, so the config stays hashable.
-    object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
-    object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
-    if self.quantizer not in QUANTIZERS:
-      raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-    bad = sorted({self.nf * m for m in self.ch_mult + (1,)} | ({self.emb_dim} if self.norm_first else set()))
-    bad = [c for c in bad if c % GROUPS]
-    if bad:
-      raise ValueError(f"GroupNorm({GROUPS}) needs channel counts divisible by {GROUPS}; got {bad} "
-                       f"(from nf={self.nf}, ch_mult={self.ch_mult}, emb_dim={self.emb_dim})")
-    if self.img_size % self.downsample_factor:
-      raise ValueError(f"img_size={self.img_size} is not divisible by the downsampling factor "
-                       f"{self.downsample_factor} of ch_mult={self.ch_mult}")
-    if self.decoder_res_blocks < 1 or self.res_blocks < 1:
-      raise ValueError(f"res_blocks={self.res_blocks} with gen_mul={self.gen_mul} leaves no residual block")
-    jnp.dtype(self.dtype)  # raises on an unknown dtype name
-
-  @property
-  def downsample_factor(self) -> int:
-    return 2 ** (len(self.ch_mult) - 1)
-
-  @property
-  def latent_size(self) -> int:
-    return self.img_size // self.downsample_factor
-
-  @property
-  def decoder_res_blocks(self) -> int:
-    return int(self.res_blocks * self.gen_mul)
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  def replace(self, **changes) -> "TokenizerConfig":
-    return dataclasses.replace(self, **changes)
-
+from bigr_jax.models.config import GROUPS, QUANTIZERS, TokenizerConfig
 
 # Original hparams that do not change the computation of the autoencoder.
 _IGNORED_HPARAMS = {
@@ -392,5 +328,3 @@ def param_shapes(config: TokenizerConfig):
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
-def count_params(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree)))

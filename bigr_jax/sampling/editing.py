@@ -5,7 +5,7 @@ As in the original, the known tokens condition the trunk and the masked ones are
 ordered sampler, with the original apps' settings (`EDIT_CONFIG`, ...). One difference: by default the
 known tokens stay fixed. The original budgets its iterations by the number of *known* tokens, so when they
 outnumber the masked ones it re-samples known tokens too, and when they do not it fills the leftovers in
-one last pass; `resample_known=True` reproduces that.
+one last pass; `SamplerConfig.resample_known=True` reproduces that.
 """
 
 from typing import Sequence
@@ -24,6 +24,9 @@ from bigr_jax.sampling.sampler import SampleOutput, SamplerConfig, check_labels,
 EDIT_CONFIG = SamplerConfig(num_iter=25, cfg_scale=2.5, gumbel_temp=0.0, mask_schedule="linear")
 INTERPOLATE_CONFIG = SamplerConfig(num_iter=20, cfg_scale=2.5, gumbel_temp=0.0, mask_schedule="cosine")
 ENRICH_CONFIG = SamplerConfig(num_iter=20, cfg_scale=1.0, gumbel_temp=0.0, mask_schedule="linear")
+# Each `--mode=edit` task's settings, as its original app runs it (config.edit.sampler overrides them).
+TASK_SAMPLERS = {"inpaint": EDIT_CONFIG, "outpaint": EDIT_CONFIG, "edit": EDIT_CONFIG,
+                 "interpolate": INTERPOLATE_CONFIG, "enrich": ENRICH_CONFIG}
 # apps/interpolate.py: weight of the first class; the second gets 1 - weight.
 INTERPOLATION_WEIGHTS = tuple([0.0, 0.1, 0.2] + np.linspace(0.3, 0.7, 21).tolist() + [0.8, 0.9, 1.0])
 
@@ -86,7 +89,7 @@ def _skip_null_half(config: SamplerConfig, model_config: GeneratorConfig, labels
 
 
 def inpaint(model_config: GeneratorConfig, params, bits, mask, rng, *, label=None,
-            config: SamplerConfig = EDIT_CONFIG, resample_known: bool = False, **kwargs) -> SampleOutput:
+            config: SamplerConfig = EDIT_CONFIG, **kwargs) -> SampleOutput:
   """Regenerates the tokens where `mask` is True (see `token_mask` for its shapes) given the others.
 
   label: one class id or (B,); None is the null class (the original's default, `--cond_edit 1000`).
@@ -96,8 +99,7 @@ def inpaint(model_config: GeneratorConfig, params, bits, mask, rng, *, label=Non
   labels = _labels(model_config, label, batch)
   regenerate = token_mask(mask, batch, model_config)
   config = _skip_null_half(config, model_config, labels)
-  return complete(model_config, params, labels, rng, bits, regenerate, config, resample_known=resample_known,
-                  **kwargs)
+  return complete(model_config, params, labels, rng, bits, regenerate, config, **kwargs)
 
 
 def outpaint(model_config: GeneratorConfig, params, bits, mask, rng, **kwargs) -> SampleOutput:
@@ -141,7 +143,7 @@ def enrichment_masks(grid_size: int, ds_rate: int, order: Sequence[int], groups:
 
 
 def enrich(model_config: GeneratorConfig, params, bits, rng, *, ds_rate: int = 2, repeats: int = 4,
-           label=None, config: SamplerConfig = ENRICH_CONFIG, resample_known: bool = False, **kwargs):
+           label=None, config: SamplerConfig = ENRICH_CONFIG, **kwargs):
   """Adds detail to the bits of an upsampled low-resolution image (apps/enrich.py, `supres_box`).
 
   Each repeat shuffles the ds^2 sub-positions of every ds x ds token block (independently per image) and
@@ -163,6 +165,5 @@ def enrich(model_config: GeneratorConfig, params, bits, rng, *, ds_rate: int = 2
       if not regenerate.any():
         continue
       key = jax.random.fold_in(sample_key, group)
-      bits = complete(model_config, params, labels, key, bits, regenerate, config, resample_known=resample_known,
-                      **kwargs).bits
+      bits = complete(model_config, params, labels, key, bits, regenerate, config, **kwargs).bits
   return bits

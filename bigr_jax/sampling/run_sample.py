@@ -1,24 +1,97 @@
-"""`--mode=sample`: class-conditional images from a trained (or converted) generator, as PNG grids and .npz."""
+"""`--mode=sample`, `--mode=edit` and the sample batch of `--mode=evaluate`: images from a trained (or
+converted) generator, as PNG grids and .npz, with the settings of `config.sample` / `config.edit`."""
 
+import dataclasses
 import functools
-import json
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from bigr_jax import images as images_lib, parallel
-from bigr_jax.models.config import GeneratorConfig
+from bigr_jax import artifacts, files, images as images_lib, parallel, typed_config
+from bigr_jax.evaluation import run as evaluation_run
 from bigr_jax.models import tokenizer as tokenizer_lib
-from bigr_jax.sampling import sampler
+from bigr_jax.sampling import editing, sampler
 
 
-def sampler_config(sample_config) -> sampler.SamplerConfig:
-  fields = {f: sample_config[f] for f in ("num_iter", "cfg_scale", "cfg_schedule", "gumbel_temp", "gumbel_schedule",
-                                          "infer_steps", "ordering", "token_sampling") if f in sample_config}
-  return sampler.SamplerConfig(**fields)
+@dataclasses.dataclass(frozen=True)
+class SampleRun:
+  """What `--mode=sample` draws, besides the sampler's settings (both live in `config.sample`)."""
+  labels: tuple = (207, 360, 387, 974, 88, 979, 417, 279)
+  per_class: int = 0  # > 0: every class this many times, in class order (instead of `labels`)
+  batch_size: int = 8  # images per sampler call (0: all at once); rounded up to the mesh's batch shards
+  seed: int = 0
+  use_ema: bool = True  # a training workdir's EMA params (False: the raw params)
+
+  def class_labels(self, num_classes: int) -> np.ndarray:
+    if self.per_class > 0:
+      return np.repeat(np.arange(num_classes, dtype=np.int32), self.per_class)
+    return np.asarray(self.labels, np.int32)
+
+
+def sample_settings(sample_section) -> tuple:
+  """`config.sample` -> (SamplerConfig, SampleRun); a field neither declares is an error."""
+  if "resample_known" in sample_section:
+    raise ValueError("config.sample.resample_known does nothing when every token is generated; it is an "
+                     "editing setting: config.edit.sampler.resample_known")
+  return typed_config.split_section(sample_section, "config.sample", sampler.SamplerConfig, SampleRun)
+
+
+EDIT_TASKS = ("inpaint", "outpaint", "edit", "interpolate", "enrich")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditConfig:
+  """`config.edit`, for `--mode=edit`.
+
+  task: inpaint | outpaint | edit (class edit) | interpolate | enrich. image: the input picture (not for
+  interpolate); mask: a PNG, white = regenerate (outpaint: white = keep). sampler: overrides of the task's
+  sampler settings, which default to the original apps' (`editing.TASK_SAMPLERS`); unset fields are None.
+  """
+  task: str = "inpaint"
+  image: str = ""
+  mask: str = ""
+  target_class: int = 0
+  class_a: int = 0
+  class_b: int = 1
+  batch: int = 4
+  seed: int = 0
+  sampler: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.task not in EDIT_TASKS:
+      raise ValueError(f"unknown edit.task {self.task!r}; expected one of {EDIT_TASKS}")
+    unknown = sorted(set(self.sampler) - set(typed_config.field_names(sampler.SamplerConfig)))
+    if unknown:
+      raise ValueError(f"unknown config.edit.sampler field(s) {unknown}; known: "
+                       f"{sorted(typed_config.field_names(sampler.SamplerConfig))}")
+
+  def check_inputs(self) -> None:
+    """The files the task reads are named and exist."""
+    if self.task != "interpolate" and not self.image:
+      raise ValueError(f"edit.task={self.task!r} needs --config.edit.image=<picture>")
+    if self.task in ("inpaint", "outpaint", "edit") and not self.mask:
+      raise ValueError(f"edit.task={self.task!r} needs --config.edit.mask=<PNG, white = regenerate>")
+    for path in (self.image, self.mask):
+      if path and not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"no file {path} (config.edit)")
+
+  def sampler_config(self) -> "sampler.SamplerConfig":
+    """The task's original settings, with the fields this config sets."""
+    overrides = {k: v for k, v in self.sampler.items() if v is not None}
+    return editing.TASK_SAMPLERS[self.task].replace(**overrides)
+
+
+def edit_section() -> ml_collections.ConfigDict:
+  """`config.edit` as config files declare it: sampler fields are typed placeholders (None: the task's own)."""
+  section = typed_config.to_section(EditConfig())
+  section.sampler = ml_collections.ConfigDict(
+      {f.name: ml_collections.config_dict.placeholder(type(f.default))
+       for f in dataclasses.fields(sampler.SamplerConfig)})
+  return section
 
 
 @functools.lru_cache(maxsize=8)
@@ -34,111 +107,90 @@ def decode_bits(model_config: tokenizer_lib.TokenizerConfig, params, bits) -> np
   return np.clip(np.asarray(_decoder(model_config)(params, latent)), 0.0, 1.0)
 
 
-def generate_images(gen_config: GeneratorConfig, gen_params, tok_config, tok_params, labels, sample_config, seed,
+def generate_images(models: artifacts.SamplingModels, labels, config: sampler.SamplerConfig, seed: int,
                     mesh=None, batch_size: int = 0):
-  """Images (B, H, W, 3) in [0, 1] and bits for `labels`, in batches of `batch_size` (0: all at once)."""
+  """Images (B, H, W, 3) in [0, 1] and bits for `labels`, in batches of `batch_size` (0: all at once),
+  each padded to the mesh's batch shards."""
   labels = np.asarray(labels, np.int32)
   batch_size = batch_size or len(labels)
-  config = sampler_config(sample_config)
   all_bits, all_images = [], []
-  shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
-    padded = np.pad(chunk, (0, -len(chunk) % shards), mode="edge")  # a last batch the mesh cannot split
+    padded = parallel.pad_to_shards(chunk, mesh) if mesh is not None else chunk
     key = jax.random.fold_in(jax.random.key(seed), start)
-    out = sampler.generate(gen_config, gen_params, padded, key, config, mesh=mesh,
+    out = sampler.generate(models.generator_config, models.generator_params, padded, key, config, mesh=mesh,
                            batch_axes=parallel.BATCH_AXES if mesh is not None else ("data",))
     bits = np.asarray(out.bits)[:len(chunk)]
     all_bits.append(bits)
-    all_images.append(decode_bits(tok_config, tok_params, bits))
+    all_images.append(decode_bits(models.tokenizer_config, models.tokenizer_params, bits))
   return np.concatenate(all_images), np.concatenate(all_bits)
 
 
-def load_models(config, workdir):
-  """(generator config, EMA params, tokenizer config, tokenizer params) for sampling and editing.
-
-  Generator weights: `config.init_from` (converted params) or the workdir's latest EMA params. Tokenizer:
-  `config.tokenizer.config` (a bae_* config file; or `config.tokenizer.model`, its model fields) and
-  `config.tokenizer.checkpoint` (a released .th file, a params directory or a tokenizer workdir).
-  """
-  from bigr_jax import config_lib
-  from bigr_jax.convert import params_io
-  from bigr_jax.train import tokenizer as tokenizer_train
-  gen_config = GeneratorConfig(**config.model.to_dict())
-  tok = config.tokenizer
-  if not tok.get("checkpoint") or not (tok.get("config") or tok.get("model")):
-    raise ValueError("sampling decodes with a B-AE: set --config.tokenizer.config=configs/bae_d24.py and "
-                     "--config.tokenizer.checkpoint=<binaryae .th file, params dir or tokenizer workdir>")
-  # The B-AE architecture: a bae_* config file, or its `model` fields given inline.
-  tok_config = tokenizer_train.tokenizer_config(tok if tok.get("model") else config_lib.load_config_file(tok.config))
-  if tok_config.codebook_size != gen_config.binary_size:
-    raise ValueError(f"the tokenizer has {tok_config.codebook_size} bits, the generator {gen_config.binary_size}")
-  if config.get("init_from"):
-    gen_params = params_io.load_params(config.init_from)
-  else:
-    gen_params = params_io.train_state_params(workdir, use_ema=config.sample.get("use_ema", True))
-  tok_params = tokenizer_train.load_tokenizer_params(config.tokenizer.checkpoint, tok_config)
-  return gen_config, gen_params, tok_config, tok_params
-
-
 def sample_to_workdir(config, workdir: str):
-  """Samples `config.sample.labels`; writes workdir/samples/{samples.png, samples.npz, samples.json}."""
+  """Samples `config.sample` (labels or per_class); writes workdir/samples/{samples.png, samples.npz,
+  samples.json}."""
   workdir = pathlib.Path(workdir)
-  gen_config, gen_params, tok_config, tok_params = load_models(config, workdir)
-  labels = np.asarray(config.sample.labels, np.int32)
-  if labels.min() < 0 or labels.max() > gen_config.num_classes:
-    raise ValueError(f"class labels must be in [0, {gen_config.num_classes}] ({gen_config.num_classes} = null)")
+  sampler_config, run = sample_settings(config.sample)
   mesh = parallel.make_mesh(config.mesh)
+  models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
+  labels = run.class_labels(models.generator_config.num_classes)
+  sampler.check_labels(models.generator_config, labels)
   start = time.perf_counter()
-  images, bits = generate_images(gen_config, gen_params, tok_config, tok_params, labels, config.sample,
-                                 config.sample.get("seed", 0), mesh, config.sample.get("batch_size", 0))
+  images, bits = generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
   seconds = time.perf_counter() - start
-  out = workdir / "samples"
-  images_lib.save_grid(images, out / "samples.png", nrow=min(8, len(images)))
+  out = artifacts.output_path(workdir, artifacts.SAMPLES_DIR)
+  images_lib.save_grid(images, out / "samples.png", nrow=run.per_class or min(8, len(images)))
   np.savez(out / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels, bits=bits.astype(np.uint8))
   summary = {"num_images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds,
-             **{k: v for k, v in config.sample.to_dict().items() if k != "labels"}}
-  (out / "samples.json").write_text(json.dumps(summary, indent=2, default=str))
+             **dataclasses.asdict(sampler_config), **{k: v for k, v in dataclasses.asdict(run).items()
+                                                      if k != "labels"}}
+  files.write_json(out / "samples.json", summary)
   print(f"wrote {out / 'samples.png'} ({len(images)} images, {seconds:.1f} s)", flush=True)
   return images
 
 
+def encode_image(models: artifacts.SamplingModels, image: np.ndarray, batch: int, key) -> np.ndarray:
+  """Sampled B-AE bits (batch, N, K) of one image (H, W, 3) in [0, 1], as the original apps encode."""
+  tok_config = models.tokenizer_config
+  _, bits = jax.jit(lambda p, x: tokenizer_lib.BinaryAutoEncoder(tok_config).apply(
+      {"params": p}, x, rngs={"sample": key}, method=tokenizer_lib.BinaryAutoEncoder.encode))(
+          models.tokenizer_params, np.repeat(image[None], batch, 0))
+  return np.asarray(bits).reshape(batch, -1, tok_config.codebook_size)
+
+
 def edit_to_workdir(config, workdir: str):
-  """`--mode=edit`: config.edit.task = inpaint | outpaint | edit | interpolate | enrich on config.edit.image
-  (and config.edit.mask, a PNG, white = regenerate; for outpaint white = keep). Writes workdir/edit/<task>.png
-  (the input first, then config.edit.batch results) and <task>.npz."""
-  from bigr_jax.sampling import editing
+  """`--mode=edit` (see `EditConfig`) on `config.mesh`. Writes workdir/edit/<task>.png (the input first,
+  then the results) and <task>.npz."""
   workdir = pathlib.Path(workdir)
-  edit = config.edit
-  gen_config, gen_params, tok_config, tok_params = load_models(config, workdir)
-  key = jax.random.key(edit.get("seed", 0))
-  batch = int(edit.get("batch", 4))
+  edit = typed_config.from_section(EditConfig, config.edit, "config.edit")
+  edit.check_inputs()
+  sampler_config = edit.sampler_config()
+  _, run = sample_settings(config.sample)
+  mesh = parallel.make_mesh(config.mesh)
+  models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
+  gen_config, gen_params = models.generator_config, models.generator_params
+  kwargs = dict(config=sampler_config, mesh=mesh, batch_axes=parallel.BATCH_AXES)
+  key = jax.random.key(edit.seed)
   inputs = []
   if edit.task == "interpolate":
-    out = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key)
+    out_bits = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key, **kwargs).bits
   else:
-    image = images_lib.load_image(edit.image, tok_config.img_size)
+    image = images_lib.load_image(edit.image, models.tokenizer_config.img_size)
     inputs = [image]
-    _, bits = jax.jit(lambda p, x: tokenizer_lib.BinaryAutoEncoder(tok_config).apply(
-        {"params": p}, x, rngs={"sample": jax.random.fold_in(key, 1)},
-        method=tokenizer_lib.BinaryAutoEncoder.encode))(tok_params, np.repeat(image[None], batch, 0))
-    bits = np.asarray(bits).reshape(batch, -1, tok_config.codebook_size)  # sampled codes, as the original
+    bits = encode_image(models, image, edit.batch, jax.random.fold_in(key, 1))
     if edit.task == "enrich":
-      out_bits = editing.enrich(gen_config, gen_params, bits, key)
+      out_bits = editing.enrich(gen_config, gen_params, bits, key, **kwargs)
     else:
-      mask = editing.mask_from_image(edit.mask, gen_config.grid_size, tok_config.img_size)
+      mask = editing.mask_from_image(edit.mask, gen_config.grid_size, models.tokenizer_config.img_size)
       if edit.task == "inpaint":
-        out = editing.inpaint(gen_config, gen_params, bits, mask, key)
+        out = editing.inpaint(gen_config, gen_params, bits, mask, key, **kwargs)
       elif edit.task == "outpaint":
-        out = editing.outpaint(gen_config, gen_params, bits, mask, key)
-      elif edit.task == "edit":
-        out = editing.edit_class(gen_config, gen_params, bits, mask, edit.target_class, key)
+        out = editing.outpaint(gen_config, gen_params, bits, mask, key, **kwargs)
       else:
-        raise ValueError(f"unknown edit.task {edit.task!r}: inpaint | outpaint | edit | interpolate | enrich")
-  if edit.task != "enrich":
-    out_bits = out.bits
-  images = decode_bits(tok_config, tok_params, np.asarray(out_bits))
-  path = workdir / "edit" / f"{edit.task}.png"
+        out = editing.edit_class(gen_config, gen_params, bits, mask, edit.target_class, key, **kwargs)
+      out_bits = out.bits
+  images = decode_bits(models.tokenizer_config, models.tokenizer_params, np.asarray(out_bits))
+  path = artifacts.output_path(workdir, artifacts.EDIT_DIR) / f"{edit.task}.png"
   images_lib.save_grid(np.concatenate([np.stack(inputs), images]) if inputs else images, path,
                        nrow=min(8, len(images) + len(inputs)))
   np.savez(path.with_suffix(".npz"), arr_0=images_lib.to_uint8(images))
@@ -148,32 +200,34 @@ def edit_to_workdir(config, workdir: str):
 
 def evaluation_samples(config, workdir: str) -> str:
   """The ADM-layout sample batch to evaluate: `evaluation.sample_batch` if set, else workdir/samples/fid.npz,
-  generated here if missing (`evaluation.num_samples` images, classes in turn, 50 per class for 50k).
+  generated here if missing (`evaluation.num_samples` images, classes in turn, 50 per class for 50k), with
+  the sampler settings of `config.sample`.
 
   Resumable: each batch is kept in samples/fid_parts/ as it is made, and a rerun skips the batches present.
   """
   from bigr_jax.evaluation import metrics as metrics_lib
-  path = config.get("evaluation", {}).get("sample_batch", "")
-  if path:
-    return path
-  out = pathlib.Path(workdir) / "samples" / "fid.npz"
+  ev = evaluation_run.evaluation_config(config)
+  if ev.sample_batch:
+    return ev.sample_batch
+  out = artifacts.output_path(workdir, artifacts.EVALUATION_SAMPLES)
   if out.exists():
     return str(out)
-  gen_config, gen_params, tok_config, tok_params = load_models(config, pathlib.Path(workdir))
-  num = int(config.get("evaluation", {}).get("num_samples", 0) or 50 * gen_config.num_classes)
-  labels = np.arange(num) % gen_config.num_classes
-  batch = int(config.sample.get("batch_size", 0) or 64)
+  sampler_config, run = sample_settings(config.sample)
   mesh = parallel.make_mesh(config.mesh)
+  models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
+  num_classes = models.generator_config.num_classes
+  num = ev.num_samples or 50 * num_classes
+  labels = np.arange(num) % num_classes
+  batch = parallel.round_up_to_shards(run.batch_size or 64, mesh)
   parts = out.parent / "fid_parts"
   parts.mkdir(parents=True, exist_ok=True)
   for start in range(0, num, batch):
     part = parts / f"{start:08d}.npy"
     if part.exists():
       continue
-    chunk, _ = generate_images(gen_config, gen_params, tok_config, tok_params, labels[start:start + batch],
-                               config.sample, config.sample.get("seed", 0) + start, mesh)
-    np.save(parts / f".{start:08d}.tmp.npy", images_lib.to_uint8(chunk))
-    (parts / f".{start:08d}.tmp.npy").rename(part)  # a part is either whole or absent
+    chunk, _ = generate_images(models, labels[start:start + batch], sampler_config, run.seed + start, mesh)
+    with files.atomic_path(part) as tmp:  # a part is whole or absent
+      np.save(tmp, images_lib.to_uint8(chunk))
     print(f"evaluation samples: {min(start + batch, num)}/{num}", flush=True)
   images = np.concatenate([np.load(parts / f"{start:08d}.npy") for start in range(0, num, batch)])
   metrics_lib.write_sample_batch(str(out), images, labels)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bigr_jax import typed_config
 from bigr_jax.models.bigr import BiGR
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.models.transcoder import bernoulli_posterior, reverse_coefficients
@@ -45,6 +46,10 @@ class SamplerConfig:
     entropy of the bits). token_sampling: "bernoulli" (the original) or "threshold" (p > 0.5).
   transcode_sizes: the still-masked tokens are transcoded in the smallest padded size, a multiple of
     ceil(N / transcode_sizes), that holds them; 1 transcodes every token every iteration, as the original.
+  resample_known: when completing given tokens (inpainting, ...), the original's budget: counts for the
+    number of *known* tokens, so that once the masked ones run out, known (or decoded) tokens are re-sampled
+    (lowest index first among equals); leftovers get one final pass. False (ours): known tokens stay fixed.
+    No effect on class-conditional generation, where every token is masked.
   """
   num_iter: int = 20
   cfg_scale: float = 3.0
@@ -57,6 +62,7 @@ class SamplerConfig:
   temperature: float = 1.0
   infer_steps: int = 100
   transcode_sizes: int = 8
+  resample_known: bool = False
 
   def __post_init__(self):
     if self.num_iter < 1:
@@ -82,6 +88,10 @@ class SamplerConfig:
 
   def replace(self, **changes) -> "SamplerConfig":
     return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_config(cls, section, where: str = "config.sample") -> "SamplerConfig":
+    return typed_config.from_section(cls, section, where)
 
   def tables(self, max_tokens: int) -> dict:
     """Host arrays indexed in the loops: counts per budget and iteration, CFG scale, Gumbel temperature."""
@@ -252,20 +262,18 @@ def _decode_tokens(config: SamplerConfig, state: SamplerState, probs, counts, gu
                       decoded_at=jnp.where(chosen, iteration, state.decoded_at))
 
 
-def decode(fns: ModelFns, config: SamplerConfig, tables, rng, bits, masked, *, resample_known: bool = False,
+def decode(fns: ModelFns, config: SamplerConfig, tables, rng, bits, masked, *,
            constrain: Callable = lambda x: x) -> SamplerState:
   """The sampler's loops; call it inside `jax.jit` (`generate` and `complete` do).
 
   Args:
     fns: the model's callbacks.
-    config: options that shape the program (ordering, token sampling, temperature, steps, sizes, guidance).
+    config: options that shape the program (ordering, token sampling, temperature, steps, sizes, guidance,
+      resample_known).
     tables: `config.tables(N)` as arrays: "unmask" (N + 1, I), "cfg" (I,), "gumbel" (I,), "final_cfg" ().
     rng: a key.
     bits: (B, N, K) known bits (anything where masked).
     masked: (B, N) True where a token is to be generated.
-    resample_known: the original inpainting budget: counts for the number of known tokens, so that once
-      the masked ones run out, known (or decoded) tokens are re-sampled (lowest index first among equals);
-      leftovers get one final pass. Every token is transcoded then, since any may be picked.
     constrain: applied to every (B, ...) array, e.g. a batch sharding constraint.
 
   Returns:
@@ -275,6 +283,7 @@ def decode(fns: ModelFns, config: SamplerConfig, tables, rng, bits, masked, *, r
   num_iter = tables["unmask"].shape[1]
   if tables["unmask"].shape[0] != num_tokens + 1:
     raise ValueError(f"unmask table has {tables['unmask'].shape[0]} rows; expected N + 1 = {num_tokens + 1}")
+  resample_known = config.resample_known  # every token is transcoded then, since any may be picked
   t_minus_1 = reverse_coefficients(fns.num_timesteps, config.infer_steps)["t_minus_1"]
   t_emb = fns.embed_time(jnp.asarray(t_minus_1))  # (steps, W), shared by every token and iteration
   masked = constrain(jnp.asarray(masked, bool))
@@ -305,7 +314,6 @@ class _Static(NamedTuple):
   recompile."""
   sampler: SamplerConfig
   model: GeneratorConfig
-  resample_known: bool
   mesh: Optional[Mesh]
   batch_axes: tuple
 
@@ -317,8 +325,7 @@ def _sample(params, labels, label_weights, rng, bits, masked, tables, static: _S
     sharding = NamedSharding(static.mesh, PartitionSpec(static.batch_axes))
     constrain = lambda x: jax.lax.with_sharding_constraint(x, sharding)
   fns = model_fns(static.model, params, labels, label_weights, static.sampler.guidance)
-  state = decode(fns, static.sampler, tables, rng, bits, masked, resample_known=static.resample_known,
-                 constrain=constrain)
+  state = decode(fns, static.sampler, tables, rng, bits, masked, constrain=constrain)
   return SampleOutput(bits=state.bits, decoded_at=state.decoded_at)
 
 
@@ -359,12 +366,12 @@ def _batch_sharding(mesh, batch_axes, batch):
 
 
 def complete(model_config: GeneratorConfig, params, labels, rng, bits, regenerate,
-             config: SamplerConfig = SamplerConfig(), *, label_weights=None, resample_known: bool = False,
+             config: SamplerConfig = SamplerConfig(), *, label_weights=None,
              mesh: Optional[Mesh] = None, batch_axes: Sequence[str] = ("data",)) -> SampleOutput:
   """Generates the tokens where `regenerate` (B, N) is True, given the bits (B, N, K) of the others.
 
   The counts per iteration follow `config.mask_schedule` over each row's number of tokens to generate
-  (over its number of known tokens with `resample_known`, as the original's `inpaint_with_cfg`).
+  (over its number of known tokens with `config.resample_known`, as the original's `inpaint_with_cfg`).
   With a mesh, the batch is sharded over `batch_axes`; params should be replicated or on the same mesh.
   """
   check_labels(model_config, labels, label_weights)
@@ -385,7 +392,7 @@ def complete(model_config: GeneratorConfig, params, labels, rng, bits, regenerat
     label_weights = jnp.asarray(label_weights, jnp.float32)
   if sharding is not None:
     labels, bits, regenerate, label_weights = jax.device_put((labels, bits, regenerate, label_weights), sharding)
-  static = _Static(_static_part(config), model_config, resample_known, mesh, batch_axes)
+  static = _Static(_static_part(config), model_config, mesh, batch_axes)
   return _sample(params, labels, label_weights, rng, bits, regenerate, tables, static)
 
 

@@ -1,20 +1,26 @@
 """Training of the BiGR generator: sharded init, jitted donated train step, EMA, checkpoints, metrics."""
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bigr_jax import parallel
+from bigr_jax import artifacts, parallel
 from bigr_jax.convert import generator_weights
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.train import data_feed, loop, state as state_lib
 
 
-def generator_config(config: ml_collections.ConfigDict) -> GeneratorConfig:
-  return GeneratorConfig(**config.model.to_dict())
+def weight_decay_mask(config: GeneratorConfig) -> dict:
+  """True for the tensors the original decays: >= 2 dims (as PyTorch sees them), not biases, not the transcoder."""
+  shapes = generator_weights.expected_torch_shapes(config)
+  return traverse_util.unflatten_dict({
+      e.flax_path: (len(shapes[e.torch_key]) >= 2 and not e.torch_key.endswith(".bias")
+                    and not e.torch_key.startswith("denoise_mlp."))
+      for e in generator_weights.entries(config)})
 
 
 class GeneratorTrainer:
@@ -23,10 +29,10 @@ class GeneratorTrainer:
   def __init__(self, config: ml_collections.ConfigDict, mesh, total_steps: int):
     self.config = config
     self.mesh = mesh
-    self.model_config = generator_config(config)
+    self.model_config = GeneratorConfig.from_config(config.model)
     self.model = bigr.BiGR(self.model_config)
     self.rules = parallel.rules_from_config(config)
-    decay_mask = generator_weights.weight_decay_mask(self.model_config)
+    decay_mask = weight_decay_mask(self.model_config)
     self.optimizer = state_lib.make_optimizer(config.optim, total_steps, decay_mask)
 
     self.init, self.state_shardings, self.abstract_state = state_lib.sharded_init(self._init_boxed, mesh, self.rules)
@@ -78,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, batches=
 
   def init():
     state = trainer.init(jax.random.key(config.seed))
-    return _load_initial_params(config, trainer, state) if config.get("init_from") else state
+    return _load_initial_params(config, trainer, state) if config.init_from else state
 
   return loop.run(config, workdir, mesh=mesh, feed=feed, steps=steps, init=init,
                   abstract_state=trainer.abstract_state, train_step=trainer.train_step,
@@ -86,7 +92,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, batches=
 
 
 def _load_initial_params(config, trainer: GeneratorTrainer, state):
-  """Starts from converted weights (an orbax params checkpoint written by `python -m bigr_jax.convert`)."""
-  from bigr_jax.convert import params_io
-  params = params_io.load_params(config.init_from, trainer.abstract_state.params)
+  """Starts from other weights: converted params, a released PyTorch file or another run's workdir (EMA)."""
+  params = artifacts.generator_params(config.init_from, trainer.model_config, abstract=trainer.abstract_state.params)
   return state.replace(params=params, ema_params=jax.tree_util.tree_map(jnp.copy, params))

@@ -7,7 +7,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
-from bigr_jax import parallel
+from bigr_jax import chips, parallel
 from bigr_jax.train import checkpoints, metrics as metrics_lib
 
 
@@ -19,9 +19,9 @@ class Feed(NamedTuple):
 
 def total_steps(config, num_examples: Optional[int]) -> int:
   """Training length from `total_steps`, or from `num_epochs` and the dataset size."""
-  if config.get("total_steps"):
+  if config.total_steps:
     return int(config.total_steps)
-  if config.get("num_epochs") and num_examples:
+  if config.num_epochs and num_examples:
     return int(np.ceil(config.num_epochs * num_examples / config.batch_size))
   raise ValueError("set config.total_steps, or config.num_epochs with a dataset of known size")
 
@@ -52,7 +52,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     raise ValueError(f"workdir {workdir}: use a local path; on a pod, mount the bucket at the same path on every "
                      "host (e.g. gcsfuse) so that all hosts write one checkpoint")
   workdir = pathlib.Path(workdir)
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   with_data=feed.checkpointable is not None)
   checkpoints.save_config(config, workdir)
   if ckpt.latest_step() is not None:
@@ -63,8 +63,9 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     state = init()
   start = int(jax.device_get(state.step))
 
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
-  progress = metrics_lib.Progress(steps, config.batch_size, flops_per_image, config.get("peak_flops_per_device", 0.0))
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  progress = metrics_lib.Progress(steps, config.batch_size, flops_per_image,
+                                  chips.peak_flops_per_device(config.peak_flops_per_device))
   preempted = checkpoints.PreemptionFlag()
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   pending, averages = None, metrics_lib.ScalarAverages()

@@ -1,5 +1,6 @@
 """Train state (params, EMA, optimizer), the optimizer as the original builds it, and the EMA update."""
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -7,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from bigr_jax import parallel, typed_config
 
 
 @flax.struct.dataclass
@@ -17,37 +20,74 @@ class TrainState:
   opt_state: Any
 
 
-def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
-  """Constant (the original), or linear warmup then constant / cosine decay."""
-  lr, warmup = optim_config.lr, int(optim_config.get("warmup_steps", 0))
-  kind = optim_config.get("schedule", "constant")
-  if kind == "constant":
+SCHEDULES = ("constant", "cosine", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """`config.optim` (and a tokenizer's `config.disc_optim`). Defaults: the original generator's AdamW.
+
+  schedule: "constant" (the original generator), "cosine" (to min_lr_ratio * lr at the last step), or
+  "step" (x decay_factor at step decay_step, as Binary Latent Diffusion trains the B-AE); any of them
+  after `warmup_steps` of linear warmup. grad_clip: global-norm clipping (0: none).
+  """
+  name: str = "adamw"
+  lr: float = 1e-4
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 2e-2
+  grad_clip: float = 1.0
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.0
+  decay_step: int = 0
+  decay_factor: float = 0.1
+  grad_accum_steps: int = 1
+
+  def __post_init__(self):
+    if self.name not in ("adamw", "adam"):
+      raise ValueError(f"unknown optimizer {self.name!r}: use 'adamw' or 'adam'")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"unknown lr schedule {self.schedule!r}; expected one of {SCHEDULES}")
+    if self.schedule == "step" and self.decay_step < 1:
+      raise ValueError("schedule='step' needs decay_step >= 1")
+    if self.grad_accum_steps < 1 or self.warmup_steps < 0 or self.grad_clip < 0:
+      raise ValueError(f"grad_accum_steps must be >= 1, warmup_steps and grad_clip >= 0: {self}")
+
+  @classmethod
+  def from_config(cls, section, where: str = "config.optim") -> "OptimConfig":
+    return section if isinstance(section, cls) else typed_config.from_section(cls, section, where)
+
+
+def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then constant, cosine or step decay."""
+  lr, warmup = optim.lr, optim.warmup_steps
+  if optim.schedule == "constant":
     after = optax.constant_schedule(lr)
-  elif kind == "cosine":
-    after = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=optim_config.get("min_lr_ratio", 0.0))
+  elif optim.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=optim.min_lr_ratio)
   else:
-    raise ValueError(f"unknown lr schedule {kind!r}: use 'constant' or 'cosine'")
+    after = optax.piecewise_constant_schedule(lr, {optim.decay_step - warmup: optim.decay_factor})
   if warmup <= 0:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(optim_config, total_steps: int, decay_mask: Any) -> optax.GradientTransformation:
-  """AdamW(b1, b2) with global-norm clipping and a decay mask; optional gradient accumulation."""
-  kind = optim_config.get("name", "adamw")
-  schedule = learning_rate_schedule(optim_config, total_steps)
-  if kind == "adamw":
-    opt = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.get("eps", 1e-8),
-                      weight_decay=optim_config.weight_decay, mask=decay_mask)
-  elif kind == "adam":
-    opt = optax.adam(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.get("eps", 1e-8))
+def make_optimizer(optim_config, total_steps: int, decay_mask: Any = None) -> optax.GradientTransformation:
+  """Adam(W) on the configured schedule, with global-norm clipping, a decay mask (AdamW) and gradient
+  accumulation; `optim_config` is an `OptimConfig` or a section it is built from."""
+  optim = OptimConfig.from_config(optim_config)
+  schedule = learning_rate_schedule(optim, total_steps)
+  if optim.name == "adamw":
+    opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                      mask=decay_mask)
   else:
-    raise ValueError(f"unknown optimizer {kind!r}: use 'adamw' or 'adam'")
-  if optim_config.get("grad_clip", 0.0):
-    opt = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), opt)
-  accum = int(optim_config.get("grad_accum_steps", 1))
-  if accum > 1:
-    opt = optax.MultiSteps(opt, every_k_schedule=accum)
+    opt = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+  if optim.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
+  if optim.grad_accum_steps > 1:
+    opt = optax.MultiSteps(opt, every_k_schedule=optim.grad_accum_steps)
   return opt
 
 
@@ -83,7 +123,6 @@ def sharded_init(init_boxed: Callable, mesh, rules):
   `init_boxed(key)` returns a state whose leaves may carry logical axis names. Returns the jitted
   init(key), the state shardings and the abstract state (ShapeDtypeStructs with shardings, for restores).
   """
-  from bigr_jax import parallel
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -6,6 +6,7 @@ and 0 before `disc_start_step`; a PatchGAN trained with the hinge loss from that
 `ema_every` steps.
 """
 
+import dataclasses
 import logging
 import pathlib
 from typing import Any
@@ -14,13 +15,14 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from bigr_jax import images as images_lib, parallel
+from bigr_jax import artifacts, data, images as images_lib, parallel
+from bigr_jax.convert import tokenizer_weights
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.models.discriminator import Discriminator, hinge_d_loss
+from bigr_jax.models.config import TokenizerConfig
 from bigr_jax.models.lpips import LPIPS
 from bigr_jax.train import loop, state as state_lib
 
@@ -34,13 +36,6 @@ class TokenizerState:
   disc_params: Any
   disc_stats: Any
   disc_opt_state: Any
-
-
-def tokenizer_config(config) -> tokenizer_lib.TokenizerConfig:
-  fields = config.model.to_dict()
-  for key in ("ch_mult", "attn_resolutions"):
-    fields[key] = tuple(fields[key])
-  return tokenizer_lib.TokenizerConfig(**fields)
 
 
 def _last_decoder_kernel(params):
@@ -60,19 +55,16 @@ class TokenizerTrainer:
 
   def __init__(self, config, mesh, total_steps: int, lpips_params=None):
     self.config = config
-    self.model_config = tokenizer_config(config)
+    self.model_config = TokenizerConfig.from_config(config.model)
     self.model = tokenizer_lib.BinaryAutoEncoder(self.model_config)
     self.disc = Discriminator(self.model_config.n_channels, config.disc.ndf, config.disc.n_layers)
     self.lpips = LPIPS()
     self.lpips_params = lpips_params
     if config.loss.perceptual_weight > 0 and lpips_params is None:
       raise ValueError("LPIPS needs weights: set lpips.vgg_path and lpips.lin_path (or loss.perceptual_weight=0)")
-    optim = config.optim
-    self.optimizer = state_lib.make_optimizer(optim, total_steps, decay_mask=None)
-    if optim.get("decay_step"):
-      schedule = optax.piecewise_constant_schedule(optim.lr, {int(optim.decay_step): optim.decay_factor})
-      self.optimizer = optax.adam(schedule, optim.b1, optim.b2, optim.eps)
-    self.disc_optimizer = state_lib.make_optimizer(config.disc_optim, total_steps, decay_mask=None)
+    self.optimizer = state_lib.make_optimizer(config.optim, total_steps)
+    self.disc_optimizer = state_lib.make_optimizer(
+        state_lib.OptimConfig.from_config(config.disc_optim, "config.disc_optim"), total_steps)
     self.kernel_path = None
     rules = parallel.rules_from_config(config)
     self.init, self.shardings, self.abstract_state = state_lib.sharded_init(self._init_boxed, mesh, rules)
@@ -101,7 +93,7 @@ class TokenizerTrainer:
 
     def forward(params):
       recon, aux = self.model.apply({"params": params}, images, rngs={"sample": key})
-      extra = loss_cfg.code_weight * aux["code_loss"] + loss_cfg.get("entropy_weight", 0.0) * aux["entropy_loss"]
+      extra = loss_cfg.code_weight * aux["code_loss"] + loss_cfg.entropy_weight * aux["entropy_loss"]
       return recon, extra
 
     (recon, extra), pullback = jax.vjp(forward, state.params)
@@ -164,14 +156,13 @@ def _psnr(images, recon):
 
 
 def image_feed(config, shuffle: bool = True, split=None):
-  from bigr_jax import data
-  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  data_config = data.DataConfig.from_config(config.data)
   if split is not None:
-    data_config.split = split
+    data_config = dataclasses.replace(data_config, split=split)
   source = data.build_source(data_config)
   loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=shuffle,
                             num_epochs=None, transforms=data.build_transforms(data_config),
-                            worker_count=config.data.get("worker_count", 0))
+                            worker_count=data_config.worker_count)
   iterator = iter(loader)
   images = ({"image": b["image"]} for b in iterator)
   return loop.Feed(images, iterator, len(source))
@@ -180,11 +171,10 @@ def image_feed(config, shuffle: bool = True, split=None):
 def _lpips_params(config):
   if config.loss.perceptual_weight <= 0:
     return None
-  paths = [p for p in (config.lpips.get("vgg_path", ""), config.lpips.get("lin_path", "")) if p]
+  paths = [p for p in (config.lpips.vgg_path, config.lpips.lin_path) if p]
   if paths:
-    from bigr_jax.convert import tokenizer_weights
     return tokenizer_weights.read_lpips_params(paths)
-  if config.lpips.get("random_init", False):  # tests only: a perceptual loss without meaning
+  if config.lpips.random_init:  # tests only: a perceptual loss without meaning
     logging.warning("LPIPS with random weights (lpips.random_init=True): for tests only")
     shape = (1, 64, 64, 3)
     return LPIPS().init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape))["params"]
@@ -198,13 +188,13 @@ def train_and_evaluate(config, workdir: str) -> TokenizerState:
   feed = image_feed(config)
   steps = loop.total_steps(config, feed.num_examples)
   trainer = TokenizerTrainer(config, mesh, steps, _lpips_params(config))
-  held_out = next(image_feed(config, shuffle=False, split=config.data.get("eval_split", None)).iterator)["image"][:8]
+  held_out = next(image_feed(config, shuffle=False, split=config.data.eval_split).iterator)["image"][:8]
   workdir = pathlib.Path(workdir)
 
   def init():
     state = trainer.init(jax.random.key(config.seed))
-    if config.get("init_from"):
-      params = load_tokenizer_params(config.init_from, trainer.model_config)
+    if config.init_from:
+      params = artifacts.tokenizer_params(config.init_from, trainer.model_config)
       state = state.replace(params=params, ema_params=params)
     return state
 
@@ -218,28 +208,15 @@ def train_and_evaluate(config, workdir: str) -> TokenizerState:
                   abstract_state=trainer.abstract_state, train_step=trainer.train_step, on_log=on_log)
 
 
-def load_tokenizer_params(path, model_config: tokenizer_lib.TokenizerConfig):
-  """B-AE params from a released .th/.pt (the `ae.*` keys), .npz/.safetensors, a params-only orbax
-  directory, or a tokenizer training workdir (its latest EMA params)."""
-  from bigr_jax.convert import io, params_io, tokenizer_weights
-  path = pathlib.Path(path)
-  if path.suffix.lower() in io.SUFFIXES:
-    return tokenizer_weights.torch_to_flax(io.read_state_dict(path), model_config)
-  if (path / "checkpoints").exists():
-    return params_io.train_state_params(path)
-  return params_io.load_params(path)
-
-
 def encode_dataset(config, workdir: str):
   """`--mode=encode`: bit codes (and codes of the flipped images) of `config.data` into workdir/codes/<split>.
 
-  The tokenizer comes from `config.tokenizer.checkpoint` (see `load_tokenizer_params`), or, if that is
-  empty, from this workdir's own tokenizer training. Resumable: a rerun continues where it stopped.
+  The tokenizer comes from `config.tokenizer.checkpoint` (any source `artifacts.tokenizer_params` reads),
+  or, if that is empty, from this workdir's own tokenizer training (EMA). Resumable: a rerun continues where
+  it stopped.
   """
-  from bigr_jax import data
-  model_config = tokenizer_config(config)
-  source_path = config.get("tokenizer", {}).get("checkpoint", "") or workdir
-  params = load_tokenizer_params(source_path, model_config)
+  model_config = TokenizerConfig.from_config(config.model)
+  params = artifacts.tokenizer_params(config.tokenizer.checkpoint or workdir, model_config)
   mesh = parallel.make_mesh(config.mesh)
   model = tokenizer_lib.BinaryAutoEncoder(model_config)
   seed_key = jax.random.key(config.seed)
@@ -255,18 +232,16 @@ def encode_dataset(config, workdir: str):
     # The original trains on Bernoulli-sampled codes; each call gets its own key.
     calls[0] += 1
     batch = images.shape[0]
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    padded = -(-batch // shards) * shards
-    images = np.concatenate([images, np.zeros((padded - batch,) + images.shape[1:], images.dtype)])
+    images = parallel.pad_to_shards(images, mesh, mode="constant")
     with jax.set_mesh(mesh):
       bits = encode(params, jax.device_put(images, parallel.batch_sharding(mesh, 4)),
                     jax.random.fold_in(seed_key, calls[0]))
     return np.asarray(bits)[:batch]
 
-  source = data.build_source(config.data)
-  out = pathlib.Path(workdir) / "codes" / (config.data.get("split", "train") or "train")
-  writer = data.encode_to_codes(source, encode_fn, str(out), image_size=model_config.img_size,
-                                batch_size=config.get("encode_batch_size", config.batch_size),
-                                with_flipped=config.get("encode_flipped", True))
+  data_config = data.DataConfig.from_config(config.data)
+  out = pathlib.Path(workdir) / "codes" / (data_config.split or "train")
+  writer = data.encode_to_codes(data.build_source(data_config), encode_fn, str(out),
+                                image_size=model_config.img_size, batch_size=config.encode_batch_size,
+                                with_flipped=config.encode_flipped)
   print(f"codes: {writer.count} records in {out}", flush=True)
   return out

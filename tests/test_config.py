@@ -1,0 +1,185 @@
+"""The config surface: every shipped config builds every typed section; every setting arrives (from the command
+line, as a user types it) and changes what the code does; unknown keys and wrong family/mode pairs are errors."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from unittest import mock
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+from bigr_jax import chips, config_lib, main, parallel, typed_config
+from bigr_jax.data import DataConfig
+from bigr_jax.evaluation import EvaluationConfig
+from bigr_jax.convert import generator_weights
+from bigr_jax.models.config import GeneratorConfig, TokenizerConfig, from_model_args
+from bigr_jax.sampling import editing, run_sample, sampler
+from bigr_jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("bigr_l", "bigr_xl", "bigr_xxl", "bigr_l_512", "bae_d24", "bae_d32", "bae_d32_512", "demo")
+
+
+def parse(*argv, config="configs/bigr_l.py:runlocal"):
+  """The config a user gets from `python -m bigr_jax.main --config=... ARGV` (locked, as main.py builds it)."""
+  argv = ["bigr_jax.main", f"--config={os.path.join(ROOT, config)}", *argv]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  with mock.patch.object(sys, "argv", argv):  # config_flags reads the overrides from sys.argv
+    values(argv)
+  return values.config
+
+
+def _sections(config):
+  """Every typed section of a generator or tokenizer config, built as the code builds them."""
+  out = [parallel.MeshConfig.from_config(config.mesh), DataConfig.from_config(config.data),
+         state_lib.OptimConfig.from_config(config.optim)]
+  if config.family == "generator":
+    out += [GeneratorConfig.from_config(config.model), *run_sample.sample_settings(config.sample),
+            typed_config.from_section(run_sample.EditConfig, config.edit, "config.edit"),
+            EvaluationConfig.from_config(config.evaluation)]
+  else:
+    out += [TokenizerConfig.from_config(config.model), state_lib.OptimConfig.from_config(config.disc_optim)]
+  return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_declare_a_family_and_build_every_section(name):
+  config = parse(config=f"configs/{name}.py")
+  assert config.family in main.MODES[config.mode].entries
+  stages = (config.tokenizer, config.generator) if config.family == "demo" else (config,)
+  for stage in stages:
+    assert len(_sections(stage)) >= 5
+
+
+def test_unknown_keys_are_errors_that_name_them():
+  with pytest.raises(AttributeError, match='Did you mean "num_iter" instead of "num_itr"'):  # a command-line typo
+    parse("--config.sample.num_itr=3")
+  config = parse()
+  with config.sample.unlocked():  # a typo in a config file
+    config.sample.num_itr = 3
+  with pytest.raises(ValueError, match=r"unknown config.sample field\(s\) \['num_itr'\]; known: .*'num_iter'"):
+    run_sample.sample_settings(config.sample)
+  for cls, section, where in ((GeneratorConfig, {"dimm": 8}, "generator config.model"),
+                              (TokenizerConfig, {"nff": 8}, "tokenizer config.model"),
+                              (DataConfig, {"nmae": "codes"}, "config.data"),
+                              (parallel.MeshConfig, {"fsdb": 2}, "config.mesh"),
+                              (state_lib.OptimConfig, {"grad_clipp": 1.0}, "config.optim"),
+                              (EvaluationConfig, {"probe": {"epoch": 3}}, "config.evaluation.probe")):
+    key = next(iter(section if "probe" not in section else section["probe"]))
+    with pytest.raises(ValueError, match=rf"unknown {where} field\(s\) \['{key}'\]; known: \["):
+      cls.from_config(section)
+  with pytest.raises(ValueError, match="resample_known.*config.edit.sampler.resample_known"):
+    run_sample.sample_settings({"resample_known": True})
+  with pytest.raises(ValueError, match=r"unknown config.edit.sampler field\(s\) \['numiter'\]"):
+    run_sample.EditConfig(sampler={"numiter": 3})
+  with pytest.raises(ValueError, match="generator dim=0 must be a positive integer"):
+    GeneratorConfig.from_config(parse("--config.model.dim=0").model)
+
+
+# Each sampler field, a value other than the runlocal default, as typed on the command line.
+SAMPLER_VALUES = {"num_iter": "3", "cfg_scale": "30.0", "cfg_schedule": "linear", "gumbel_temp": "30.0",
+                  "gumbel_schedule": "down", "mask_schedule": "linear", "ordering": "entropy",
+                  "token_sampling": "threshold", "temperature": "0.2", "infer_steps": "2", "transcode_sizes": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(parity_dir):
+  """The fixture generator with noise on every weight: freshly initialised, its zero adaLN layers would make the
+  class (and so the CFG settings) change nothing."""
+  model_config = from_model_args(str(np.load(parity_dir / "generator_io.npz")["config"]))
+  params = generator_weights.torch_to_flax(dict(np.load(parity_dir / "generator_state_dict.npz")), model_config)
+  rng = np.random.default_rng(0)
+  return model_config, jax.tree_util.tree_map(
+      lambda p: p + 0.05 * rng.standard_normal(np.shape(p)).astype(np.float32), params)
+
+
+def _sample(model_config, params, sampler_config):
+  labels = np.arange(4, dtype=np.int32) % model_config.num_classes
+  out = sampler.generate(model_config, params, labels, jax.random.key(1), sampler_config)
+  return np.asarray(out.bits), np.asarray(out.decoded_at)
+
+
+def test_every_sampler_field_arrives_from_the_command_line_and_changes_the_sampler(tiny_model):
+  model_config, params = tiny_model
+  assert set(SAMPLER_VALUES) == set(typed_config.field_names(sampler.SamplerConfig)) - {"resample_known"}
+  for field, value in SAMPLER_VALUES.items():
+    # Without Gumbel noise the decoding order follows the model's confidences.
+    # A schedule is seen with a large enough value under it.
+    base = ["--config.sample.num_iter=4", "--config.sample.infer_steps=3",
+            f"--config.sample.gumbel_temp={1.0 if field == 'gumbel_schedule' else 0.0}",
+            f"--config.sample.cfg_scale={30.0 if field == 'cfg_schedule' else 2.5}"]
+    default, _ = run_sample.sample_settings(parse(*base).sample)
+    changed, _ = run_sample.sample_settings(parse(*base, f"--config.sample.{field}={value}").sample)
+    assert getattr(changed, field) == type(getattr(default, field))(value), field
+    assert dataclasses.replace(changed, **{field: getattr(default, field)}) == default, field  # only that field
+    if field == "transcode_sizes":
+      continue  # the same samples, by design: checked on the program below
+    bits, order = _sample(model_config, params, default)
+    other_bits, other_order = _sample(model_config, params, changed)
+    assert not (np.array_equal(other_bits, bits) and np.array_equal(other_order, order)), field
+
+
+def _lowered_text(model_config, params, sampler_config) -> str:
+  labels = jnp.zeros((2,), jnp.int32)
+  bits = jnp.zeros((2, model_config.seq_len, model_config.binary_size))
+  masked = jnp.ones((2, model_config.seq_len), bool)
+  tables = {k: jnp.asarray(v) for k, v in sampler_config.tables(model_config.seq_len).items()}
+  static = sampler._Static(sampler._static_part(sampler_config), model_config, None, ("data",))  # pylint: disable=protected-access
+  return sampler._sample.lower(params, labels, None, jax.random.key(0), bits, masked, tables,  # pylint: disable=protected-access
+                               static).as_text()
+
+
+def test_infer_steps_and_transcode_sizes_shape_the_lowered_program(tiny_model):
+  model_config, params = tiny_model
+  texts = {}
+  for name, argv in (("default", []), ("steps", ["--config.sample.infer_steps=7"]),
+                     ("all_tokens", ["--config.sample.transcode_sizes=1"])):
+    config, _ = run_sample.sample_settings(parse(*argv).sample)
+    texts[name] = _lowered_text(model_config, params, config)
+  # The reverse-diffusion coefficients are one row per step: 100 by default, 7 when set.
+  assert "tensor<100xf32>" in texts["default"] and "tensor<100xf32>" not in texts["steps"]
+  assert "tensor<7xf32>" in texts["steps"]
+  # Masked-first transcoding switches between padded sizes; transcode_sizes=1 transcodes all tokens, no switch.
+  assert "stablehlo.case" in texts["default"] and "stablehlo.case" not in texts["all_tokens"]
+
+
+def test_edit_sampler_settings_default_to_the_original_apps_and_arrive_from_the_command_line():
+  edit = typed_config.from_section(run_sample.EditConfig, parse().edit, "config.edit")
+  assert edit.sampler_config() == editing.TASK_SAMPLERS["inpaint"] == editing.EDIT_CONFIG
+  config = parse("--config.edit.task=interpolate", "--config.edit.sampler.num_iter=3",
+                 "--config.edit.sampler.resample_known=True")
+  edit = typed_config.from_section(run_sample.EditConfig, config.edit, "config.edit")
+  assert edit.sampler_config() == editing.INTERPOLATE_CONFIG.replace(num_iter=3, resample_known=True)
+
+
+def test_wrong_family_and_mode_pairs_are_refused_before_any_work():
+  generator_config, tokenizer_config = parse(), parse(config="configs/bae_d24.py:runlocal")
+  with pytest.raises(ValueError, match="--mode=sample needs a config of family generator or demo; this config "
+                                       "is a tokenizer config, which runs the modes train, encode"):
+    main.entry_point(tokenizer_config, "sample")
+  with pytest.raises(ValueError, match="--mode=encode needs a config of family tokenizer"):
+    main.entry_point(generator_config, "encode")
+  with pytest.raises(ValueError, match="unknown mode 'sampel'"):
+    main.entry_point(generator_config, "sampel")
+  # From the command line: one message and the usage, exit status 1, nothing written.
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bae_d24.py:runlocal",
+                           "--workdir=/nonexistent/workdir", "--mode=sample"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1
+  assert "--mode=sample needs a config of family generator or demo" in result.stderr
+  assert not os.path.exists("/nonexistent/workdir")
+
+
+def test_peak_flops_come_from_the_device_kind():
+  assert chips.peak_flops_per_device(0.0, device=type("D", (), {"device_kind": "TPU v5 lite"})()) == 197e12
+  assert chips.peak_flops_per_device(0.0, device=type("D", (), {"device_kind": "TPU v4"})()) == 275e12
+  assert chips.peak_flops_per_device(123.0) == 123.0  # the config wins
+  assert chips.peak_flops_per_device(0.0) == 0.0  # a CPU: no MFU
