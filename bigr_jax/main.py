@@ -4,6 +4,7 @@ Any config field can be overridden (--config.optim.lr=2e-4); a misspelled one is
 mode, the config families it accepts and what it runs; the config's `family` field names its family.
 """
 
+import pathlib
 from typing import Callable, NamedTuple
 
 from absl import app, flags, logging as absl_logging
@@ -22,7 +23,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def _features(config, workdir):
   evaluation.extract_features(config, workdir)
-  return evaluation.probe_features(config, workdir)
+  result = evaluation.probe_features(config, workdir)
+  print(f"linear probe: best block {result['best_layer']}, top-1 {result['best_top1']:.1f}% "
+        f"({pathlib.Path(workdir) / 'linear_probe.json'})", flush=True)
+  return result
 
 
 def _evaluate(config, workdir):

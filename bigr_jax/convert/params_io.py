@@ -41,10 +41,9 @@ def train_state(workdir, step: Optional[int] = None) -> dict:
     raise FileNotFoundError(f"no training checkpoints under {root}")
   path = root / str(steps[-1] if step is None else step) / "state"
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = ocp.StandardCheckpointHandler().metadata(path)  # the item's tree: shapes and dtypes
+  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
   with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path)
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    getattr(metadata, "item_metadata", metadata))
     state = checkpointer.restore(path, target)
   return jax.tree_util.tree_map(np.asarray, state)
 

@@ -172,12 +172,17 @@ def edit_to_workdir(config, workdir: str):
   kwargs = dict(config=sampler_config, mesh=mesh, batch_axes=parallel.BATCH_AXES)
   key = jax.random.key(edit.seed)
   inputs = []
+  # Batches are padded to the mesh's batch shards; the padding is dropped below.
   if edit.task == "interpolate":
-    out_bits = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key, **kwargs).bits
+    count = len(editing.INTERPOLATION_WEIGHTS)
+    weights = parallel.pad_to_shards(np.asarray(editing.INTERPOLATION_WEIGHTS, np.float32), mesh)
+    out_bits = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key, weights=weights,
+                                   **kwargs).bits
   else:
+    count = edit.batch
     image = images_lib.load_image(edit.image, models.tokenizer_config.img_size)
     inputs = [image]
-    bits = encode_image(models, image, edit.batch, jax.random.fold_in(key, 1))
+    bits = encode_image(models, image, parallel.round_up_to_shards(edit.batch, mesh), jax.random.fold_in(key, 1))
     if edit.task == "enrich":
       out_bits = editing.enrich(gen_config, gen_params, bits, key, **kwargs)
     else:
@@ -189,7 +194,7 @@ def edit_to_workdir(config, workdir: str):
       else:
         out = editing.edit_class(gen_config, gen_params, bits, mask, edit.target_class, key, **kwargs)
       out_bits = out.bits
-  images = decode_bits(models.tokenizer_config, models.tokenizer_params, np.asarray(out_bits))
+  images = decode_bits(models.tokenizer_config, models.tokenizer_params, np.asarray(out_bits)[:count])
   path = artifacts.output_path(workdir, artifacts.EDIT_DIR) / f"{edit.task}.png"
   images_lib.save_grid(np.concatenate([np.stack(inputs), images]) if inputs else images, path,
                        nrow=min(8, len(images) + len(inputs)))

@@ -6,7 +6,6 @@ and 0 before `disc_start_step`; a PatchGAN trained with the hinge loss from that
 `ema_every` steps.
 """
 
-import dataclasses
 import logging
 import pathlib
 from typing import Any
@@ -68,9 +67,18 @@ class TokenizerTrainer:
     self.kernel_path = None
     rules = parallel.rules_from_config(config)
     self.init, self.shardings, self.abstract_state = state_lib.sharded_init(self._init_boxed, mesh, rules)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.shardings, None, None),
-                              out_shardings=(self.shardings, parallel.replicated(mesh)), donate_argnums=0)
-    self.reconstruct = jax.jit(lambda params, x: self.model.apply({"params": params}, x, deterministic=True)[0])
+    self.mesh = mesh
+    self.train_step = parallel.MeshJit(self._train_step, mesh, in_shardings=(self.shardings, None, None),
+                                       out_shardings=(self.shardings, parallel.replicated(mesh)), donate_argnums=0)
+    # Split over the batch axes like a train batch; the few images come back whole to every process.
+    self._reconstruct = parallel.MeshJit(
+        lambda params, x: self.model.apply({"params": params}, x, deterministic=True)[0], mesh,
+        in_shardings=(self.shardings.params, parallel.batch_sharding(mesh, 4)), out_shardings=parallel.replicated(mesh))
+
+  def reconstruct(self, params, images: np.ndarray) -> np.ndarray:
+    """Reconstructions of host images (B, H, W, 3), every process calling with the same images."""
+    images = np.asarray(images, np.float32)
+    return np.asarray(self._reconstruct(params, parallel.pad_to_shards(images, self.mesh)))[:len(images)]
 
   def _init_boxed(self, key):
     ae_key, disc_key = jax.random.split(key)
@@ -155,17 +163,25 @@ def _psnr(images, recon):
   return 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 
 
-def image_feed(config, shuffle: bool = True, split=None):
+def image_feed(config):
   data_config = data.DataConfig.from_config(config.data)
-  if split is not None:
-    data_config = dataclasses.replace(data_config, split=split)
   source = data.build_source(data_config)
-  loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=shuffle,
+  loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=True,
                             num_epochs=None, transforms=data.build_transforms(data_config),
                             worker_count=data_config.worker_count)
   iterator = iter(loader)
   images = ({"image": b["image"]} for b in iterator)
   return loop.Feed(images, iterator, len(source))
+
+
+def held_out_images(config, count: int = 8) -> np.ndarray:
+  """The first `count` images of `data.eval_split`, center-cropped, unflipped: the same on every process."""
+  data_config = data.DataConfig.from_config(config.data, split=config.data.eval_split, flip=False)
+  source = data.build_source(data_config)
+  records = [source[i] for i in range(min(count, len(source)))]
+  for transform in data.build_transforms(data_config):  # deterministic without the flip
+    records = [transform.map(r) for r in records]
+  return np.stack([r["image"] for r in records])
 
 
 def _lpips_params(config):
@@ -188,7 +204,7 @@ def train_and_evaluate(config, workdir: str) -> TokenizerState:
   feed = image_feed(config)
   steps = loop.total_steps(config, feed.num_examples)
   trainer = TokenizerTrainer(config, mesh, steps, _lpips_params(config))
-  held_out = next(image_feed(config, shuffle=False, split=config.data.eval_split).iterator)["image"][:8]
+  held_out = held_out_images(config)
   workdir = pathlib.Path(workdir)
 
   def init():
@@ -199,8 +215,8 @@ def train_and_evaluate(config, workdir: str) -> TokenizerState:
     return state
 
   def on_log(step, state):
+    recon = trainer.reconstruct(state.ema_params, held_out)  # every process: the params are sharded
     if jax.process_index() == 0:
-      recon = np.asarray(trainer.reconstruct(state.ema_params, held_out))
       images_lib.save_grid(np.concatenate([held_out, recon]), workdir / "reconstructions" / f"step_{step:07d}.png",
                            nrow=len(held_out))
 
