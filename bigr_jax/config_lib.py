@@ -4,8 +4,6 @@ Every section a run reads is declared here from its typed config (`bigr_jax.type
 defaults live in the dataclasses alone and every field can be overridden on the command line.
 """
 
-import dataclasses
-
 import ml_collections
 
 from bigr_jax import parallel, typed_config

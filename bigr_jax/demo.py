@@ -4,7 +4,7 @@ workdir.
 `--mode=demo` (or train) runs the stages: a B-AE in workdir/tokenizer, the codes of the training and held-out
 digits, a generator in workdir/generator, then the verdict (`evaluate`): samples of every class scored by a
 classifier trained on real digits. Afterwards `--mode=sample|edit|features|evaluate` run on the same workdir
-with the demo's generator and tokenizer (`generator_stage`).
+with the demo's generator and tokenizer (`generator_stage`), and `--mode=encode` with its tokenizer.
 """
 
 import pathlib
@@ -39,6 +39,11 @@ def on_generator(entry):
     return entry(*generator_stage(config, workdir))
   run_on_demo.__doc__ = entry.__doc__
   return run_on_demo
+
+
+def encode(config, workdir):
+  """`--mode=encode` on the demo: codes of `tokenizer.data.split` with the workdir's B-AE."""
+  return tokenizer.encode_dataset(config.tokenizer, str(pathlib.Path(workdir) / "tokenizer"))
 
 
 def digit_classifier(image_size: int):
@@ -111,9 +116,9 @@ def run(config, workdir) -> dict:
 
   print("== 2/4 codes: encode the training and held-out digits", flush=True)
   for split in SPLITS:
-    tok = config.tokenizer.copy_and_resolve_references()
-    tok.data.split = split
-    tokenizer.encode_dataset(tok, str(tok_dir))
+    stage = config.copy_and_resolve_references()
+    stage.tokenizer.data.split = split
+    encode(stage, workdir)
   lap("codes")
 
   print("== 3/4 generator: BiGR on the codes", flush=True)

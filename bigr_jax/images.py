@@ -5,6 +5,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from bigr_jax.data.transforms import center_crop_arr
+
 
 def to_uint8(images) -> np.ndarray:
   """Float images in [0, 1] (clipped, as the original does when saving) -> uint8."""
@@ -38,7 +40,6 @@ def save_grid(images, path, nrow: int = 8) -> pathlib.Path:
 
 def load_image(path, size: int) -> np.ndarray:
   """An RGB image center-cropped and resized to (size, size, 3), float32 in [0, 1] (ADM center crop)."""
-  from bigr_jax.data.transforms import center_crop_arr
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no image at {path}")

@@ -43,7 +43,7 @@ MODES = {
                   {"generator": generator.train_and_evaluate, "tokenizer": tokenizer.train_and_evaluate,
                    "demo": demo.run}),
     "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE",
-                   {"tokenizer": tokenizer.encode_dataset}),
+                   {"tokenizer": tokenizer.encode_dataset, "demo": demo.encode}),
     "sample": Mode("class-conditional samples: PNG grid and ADM-layout .npz",
                    {"generator": run_sample.sample_to_workdir, "demo": demo.on_generator(run_sample.sample_to_workdir)}),
     "edit": Mode("inpaint, outpaint, class edit, interpolation or enrichment (config.edit)",

@@ -6,6 +6,7 @@ from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -84,7 +85,6 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   sizes = mesh_shape([mesh_config.data, mesh_config.fsdp, mesh_config.tensor], devices.size)
   dcn = mesh_config.dcn_data
   if dcn > 1:
-    from jax.experimental import mesh_utils
     per_slice = list(sizes)
     if per_slice[0] % dcn:
       raise ValueError(f"data={sizes[0]} is not divisible by dcn_data={dcn}")
@@ -163,6 +163,12 @@ class MeshJit:
   def lower(self, *args):
     with jax.set_mesh(self.mesh):
       return self._jitted.lower(*args)
+
+
+def from_same_on_every_host(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A global array split over the batch axes, from a host array that every process holds whole."""
+  sharding = batch_sharding(mesh, np.ndim(array))
+  return jax.make_array_from_callback(np.shape(array), sharding, lambda index: array[index])
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:

@@ -10,12 +10,11 @@ from unittest import mock
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from bigr_jax import chips, config_lib, main, parallel, typed_config
+from bigr_jax import chips, main, parallel, typed_config
 from bigr_jax.data import DataConfig
 from bigr_jax.evaluation import EvaluationConfig
 from bigr_jax.convert import generator_weights

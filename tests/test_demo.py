@@ -1,5 +1,5 @@
 """The embedded demo through the command line, as a user types it: every stage, then every other mode on its
-workdir (sample, edit, features, evaluate). One test, so that the demo runs once whichever worker takes it."""
+workdir (sample, edit, features, encode, evaluate). One test, so that the demo runs once whichever worker takes it."""
 
 import json
 import os
@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+
+from bigr_jax import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/demo.py:quick trains each stage briefly (90% of its samples were recognised when it was set up);
@@ -56,6 +58,9 @@ def test_demo_then_every_mode_on_its_workdir(tmp_path):
   probe = json.loads((workdir / "generator" / "linear_probe.json").read_text())
   assert probe["best_top1"] > 15.0  # chance 10%; 24% measured on the quick model's middle block
   assert (workdir / "generator" / "features" / "test").is_dir()
+
+  _main(workdir, "--mode=encode", "--config.tokenizer.data.split=all")
+  assert len(data.CodesSource(str(workdir / "tokenizer" / "codes" / "all"), flip=False)) == 1797  # every digit
 
   before = (workdir / "demo.json").stat().st_mtime_ns
   _main(workdir, "--mode=evaluate", "--config.generator.sample.per_class=1")

@@ -1,5 +1,6 @@
-"""Two JAX processes on this machine (4 CPU devices each) train one generator over a (2, 2, 2) mesh, as the
-hosts of a pod slice do: per-host data shards, one checkpoint, one metrics writer, and a joint resume."""
+"""Two JAX processes on this machine (4 CPU devices each) train one model over a (2, 2, 2) mesh, as the hosts
+of a pod slice do: per-host data shards, one checkpoint, one metrics writer, and a joint resume; the generator
+and the tokenizer alike."""
 
 import json
 import os
@@ -16,17 +17,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_on_two_processes(workdir, total_steps: int) -> list:
+def train_on_two_processes(workdir, total_steps: int, config: str = "configs/bigr_l.py:runlocal", *extra) -> list:
   port = free_port()
   procs = []
   for process_id in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
-    cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/configs/bigr_l.py:runlocal",
+    cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/{config}",
            f"--workdir={workdir}", "--mode=train", f"--config.total_steps={total_steps}", "--config.log_every=2",
            "--config.checkpoint_every=2", "--config.tensorboard=False", "--config.mesh.data=2",
-           "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+           "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True))
   outputs = []
@@ -57,3 +58,14 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
   # Each host's data iterator position is saved and restored with the state.
   data_files = sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").iterdir())
   assert any("process_0" in name for name in data_files) and any("process_1" in name for name in data_files)
+
+
+def test_two_processes_train_a_tokenizer_together(tmp_path):
+  """The B-AE's step (its GAN branch too, from step 2) and its reconstruction grid run on both hosts."""
+  workdir = tmp_path / "bae"
+  outputs = train_on_two_processes(workdir, 4, "configs/bae_d24.py:runlocal", "--config.loss.disc_start_step=2")
+  assert progress_steps(outputs[0]) == ["2/4", "4/4"] and progress_steps(outputs[1]) == []
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in logged] == [2, 4] and logged[-1]["d_loss"] > 0  # the discriminator trained
+  assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4

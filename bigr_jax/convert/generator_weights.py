@@ -3,6 +3,7 @@
 import collections
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple
 
+from flax import traverse_util
 import flax.linen as nn
 import numpy as np
 
@@ -136,29 +137,26 @@ def validate(state_dict: Mapping[str, np.ndarray], config: GeneratorConfig) -> N
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], config: GeneratorConfig) -> dict:
   """Flax params (plain nested dicts of float32 numpy arrays) from an original generator state dict."""
   validate(state_dict, config)
-  params: dict = {}
+  flat: Dict[Tuple[str, ...], np.ndarray] = {}
   stacked: Dict[Tuple[str, ...], Dict[int, np.ndarray]] = collections.defaultdict(dict)
   for e in entries(config):
     value = np.asarray(state_dict[e.torch_key], np.float32)
     value = value.T if e.transpose else value
     if e.layer is None:
-      _set(params, e.flax_path, value)
+      flat[e.flax_path] = value
     else:
       stacked[e.flax_path][e.layer] = value
   for path, per_layer in stacked.items():
-    _set(params, path, np.stack([per_layer[i] for i in range(config.n_layer)]))
-  return params
+    flat[path] = np.stack([per_layer[i] for i in range(config.n_layer)])
+  return traverse_util.unflatten_dict(flat)
 
 
 def flax_to_torch(params, config: GeneratorConfig, with_aliases: bool = True, with_buffers: bool = True):
   """An original-layout state dict (same keys and order, aliases and scheduler buffers included)."""
-  params = nn.meta.unbox(params)
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params))
   out = collections.OrderedDict()
   for e in entries(config):
-    node = params
-    for name in e.flax_path:
-      node = node[name]
-    value = np.asarray(node, np.float32)
+    value = np.asarray(flat[e.flax_path], np.float32)
     if e.layer is not None:
       value = value[e.layer]
     out[e.torch_key] = value.T.copy() if e.transpose else value
@@ -176,8 +174,3 @@ def aliases(state_dict: Mapping[str, np.ndarray]) -> Dict[str, str]:
   """alias key -> primary key, for writers that share storage."""
   return {k: "denoise_mlp." + k[len(ALIAS_PREFIX):] for k in state_dict if k.startswith(ALIAS_PREFIX)}
 
-
-def _set(tree: dict, path, value) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value

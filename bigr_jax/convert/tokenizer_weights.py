@@ -8,9 +8,9 @@ all missing, unexpected and mis-shaped entries.
 
 import os
 import re
-from collections.abc import Mapping
-from typing import Iterable, Optional
+from typing import Iterable
 
+from flax import traverse_util
 import flax.linen as nn
 import numpy as np
 
@@ -147,27 +147,6 @@ def _select(state_dict: dict, group: str) -> tuple[dict, list[str]]:
   return groups[""], []
 
 
-def _set(tree: dict, path: tuple, value):
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def _flatten(tree, prefix=()) -> dict:
-  if isinstance(tree, Mapping):
-    out = {}
-    for name, sub in tree.items():
-      out.update(_flatten(sub, prefix + (name,)))
-    return out
-  return {prefix: tree}
-
-
 def _to_flax(array, how):
   array = np.asarray(array, np.float32)
   return np.ascontiguousarray(array.transpose(2, 3, 1, 0)) if how == "conv" else array
@@ -183,11 +162,8 @@ def _import(selected: tuple[dict, list[str]], specs: list, what: str) -> dict:
   # Step counters are optional on the way in (older torch files lack them); nothing reads them.
   expected = {key: shape for key, _, how, shape in specs if how != "counter" or key in state_dict}
   _check({k: np.shape(v) for k, v in state_dict.items()}, expected, what, strays)
-  tree = {}
-  for key, path, how, _ in specs:
-    if path is not None:
-      _set(tree, path, _to_flax(state_dict[key], how))
-  return tree
+  return traverse_util.unflatten_dict(
+      {path: _to_flax(state_dict[key], how) for key, path, how, _ in specs if path is not None})
 
 
 def _flax_shape(how, torch_shape):
@@ -195,14 +171,13 @@ def _flax_shape(how, torch_shape):
 
 
 def _export(tree, specs: list, what: str, prefix: str) -> dict:
-  tree = nn.meta.unbox(tree)
-  flat = {path: np.shape(value) for path, value in _flatten(tree).items()}
+  flat = traverse_util.flatten_dict(nn.meta.unbox(tree))
   expected = {path: _flax_shape(how, shape) for _, path, how, shape in specs if path is not None}
-  _check({"/".join(p): s for p, s in flat.items()}, {"/".join(p): s for p, s in expected.items()}, what)
+  _check({"/".join(p): np.shape(v) for p, v in flat.items()}, {"/".join(p): s for p, s in expected.items()}, what)
   out = {}
   for key, path, how, _ in specs:
     # Torch's BatchNorm step counter is not tracked here; with a fixed momentum torch never reads it.
-    out[prefix + key] = np.zeros((), np.int64) if how == "counter" else _to_torch(_get(tree, path), how)
+    out[prefix + key] = np.zeros((), np.int64) if how == "counter" else _to_torch(flat[path], how)
   return out
 
 

@@ -23,12 +23,15 @@ The forward pass takes NHWC images in [0, 1], resizes them to 299x299 bilinearly
 """
 
 import functools
+import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bigr_jax.convert import io as convert_io
 
 IMAGE_SIZE = 299
 NUM_CLASSES = 1008
@@ -310,8 +313,6 @@ def params_from_torch(state_dict: Mapping[str, Any]):
 def load_params(path):
   """Reads the FID Inception weights (`pt_inception-2015-12-05-6726825d.pth`, or the same names as .npz /
   .safetensors) and converts them to Flax params."""
-  import os
-  from bigr_jax.convert import io as convert_io
   if not path:
     raise ValueError("no Inception weights given: set evaluation.inception_weights to the path of "
                      f"{WEIGHTS_FILE} (pytorch-fid's FID Inception weights, from its GitHub releases)")

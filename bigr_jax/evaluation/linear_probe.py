@@ -256,5 +256,4 @@ def layer_sweep(train_features: Mapping[int, np.ndarray], train_labels: np.ndarr
 
 
 def _single_axis_mesh_config():
-  import ml_collections
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
+  return parallel.MeshConfig(data=-1, fsdp=1, tensor=1)

@@ -1,6 +1,6 @@
 """The BiGR generator: bit projection, class and mask tokens, trunk, transcoder, masked loss, features."""
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

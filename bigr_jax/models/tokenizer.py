@@ -13,9 +13,8 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bigr_jax.models.config import GROUPS, QUANTIZERS, TokenizerConfig
+from bigr_jax.models.config import GROUPS, TokenizerConfig
 
 # Original hparams that do not change the computation of the autoencoder.
 _IGNORED_HPARAMS = {

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigr_jax.models.transformer import dense, dense_init
+from bigr_jax.models.transformer import dense
 
 FREQUENCY_EMBEDDING_SIZE = 256
 

@@ -1,7 +1,5 @@
 """Bidirectional LLaMA trunk of BiGR: RMSNorm, SwiGLU, 2D rotary attention, shared adaLN."""
 
-from typing import Optional
-
 import einops
 import flax.linen as nn
 import jax

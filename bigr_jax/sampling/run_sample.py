@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from bigr_jax import artifacts, files, images as images_lib, parallel, typed_config
-from bigr_jax.evaluation import run as evaluation_run
+from bigr_jax.evaluation import metrics as metrics_lib, run as evaluation_run
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.sampling import editing, sampler
 
@@ -210,7 +210,6 @@ def evaluation_samples(config, workdir: str) -> str:
 
   Resumable: each batch is kept in samples/fid_parts/ as it is made, and a rerun skips the batches present.
   """
-  from bigr_jax.evaluation import metrics as metrics_lib
   ev = evaluation_run.evaluation_config(config)
   if ev.sample_batch:
     return ev.sample_batch

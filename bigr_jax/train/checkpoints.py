@@ -6,6 +6,7 @@ import signal
 import threading
 from typing import Any, Optional
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,7 +19,6 @@ class Checkpointer:
     self.with_data = with_data
     handlers = {"state": ocp.StandardCheckpointHandler()}
     if with_data:
-      import grain
       handlers["data"] = grain.checkpoint.CheckpointHandler()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -29,7 +29,6 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator=None, force: bool = False) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if self.with_data and data_iterator is not None:
-      import grain
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -38,7 +37,6 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if self.with_data and data_iterator is not None:
-      import grain
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))

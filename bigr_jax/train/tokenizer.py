@@ -11,6 +11,7 @@ import pathlib
 from typing import Any
 
 import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,12 +44,6 @@ def _last_decoder_kernel(params):
   return ("generator", max(names, key=lambda k: int(k.split("_")[1])), "kernel")
 
 
-def _get(tree, path):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
 class TokenizerTrainer:
   """Compiled init and train step of the B-AE + discriminator on one mesh."""
 
@@ -78,7 +73,8 @@ class TokenizerTrainer:
   def reconstruct(self, params, images: np.ndarray) -> np.ndarray:
     """Reconstructions of host images (B, H, W, 3), every process calling with the same images."""
     images = np.asarray(images, np.float32)
-    return np.asarray(self._reconstruct(params, parallel.pad_to_shards(images, self.mesh)))[:len(images)]
+    padded = parallel.from_same_on_every_host(parallel.pad_to_shards(images, self.mesh), self.mesh)
+    return np.asarray(self._reconstruct(params, padded))[:len(images)]
 
   def _init_boxed(self, key):
     ae_key, disc_key = jax.random.split(key)
@@ -131,7 +127,8 @@ class TokenizerTrainer:
       g_loss, d_g = jax.value_and_grad(g_of)(recon)
       grads_g = pullback((d_g, jnp.zeros_like(extra)))[0]
       path = _last_decoder_kernel(state.params)
-      ratio = jnp.linalg.norm(_get(grads_nll, path)) / (jnp.linalg.norm(_get(grads_g, path)) + 1e-4)
+      kernel = lambda grads: traverse_util.flatten_dict(grads)[path]  # noqa: E731
+      ratio = jnp.linalg.norm(kernel(grads_nll)) / (jnp.linalg.norm(kernel(grads_g)) + 1e-4)
       adaptive = jnp.clip(ratio, 0.0, loss_cfg.disc_weight_max)
       grads = jax.tree_util.tree_map(lambda a, b: a + adaptive * b, grads_nll, grads_g)
       (d_loss, disc_stats), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state.disc_params)
