@@ -13,7 +13,6 @@ from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample, sampler
 from bigr_jax.train import state
 
-FAMILIES = ("generator", "tokenizer", "demo")
 load_config_file = typed_config.load_config_file
 
 

@@ -4,7 +4,11 @@ Any config field can be overridden (--config.optim.lr=2e-4); a misspelled one is
 mode, the config families it accepts and what it runs; the config's `family` field names its family.
 """
 
+import gc
+import logging
+import os
 import pathlib
+import sys
 from typing import Callable, NamedTuple
 
 from absl import app, flags, logging as absl_logging
@@ -12,7 +16,7 @@ from ml_collections import config_flags
 
 from bigr_jax import demo, evaluation, parallel
 from bigr_jax.sampling import run_sample
-from bigr_jax.train import checkpoints, generator, tokenizer
+from bigr_jax.train import checkpoints, generator, metrics, tokenizer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (with optional :args).", lock_config=True)
@@ -95,6 +99,19 @@ def main(argv):
   except checkpoints.Preempted as e:
     print(e, flush=True)
     raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
+  except (checkpoints.SaveFailed, metrics.WriteFailed) as e:
+    _exit_after_noise(f"error: {e}", 1)
+
+
+def _exit_after_noise(message: str, status: int) -> None:
+  """Ends the process with `message` as its last line: orbax's background threads and asyncio would otherwise
+  keep logging their copies of the same failure as the interpreter shuts down."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  gc.collect()
+  sys.stderr.flush()
+  print(message, flush=True)
+  os._exit(status)  # pylint: disable=protected-access  (no exit handlers: they only add noise here)
 
 
 if __name__ == "__main__":

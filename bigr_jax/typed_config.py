@@ -6,7 +6,7 @@ import dataclasses
 import importlib.util
 import pathlib
 import typing
-from typing import Any, Mapping
+from typing import Mapping
 
 import ml_collections
 
@@ -61,13 +61,12 @@ def split_section(section, where: str, *classes) -> tuple:
                for cls in classes)
 
 
-def to_section(*instances, **extra: Any) -> ml_collections.ConfigDict:
+def to_section(*instances) -> ml_collections.ConfigDict:
   """The ConfigDict a config file declares: every field of the instances (their defaults, where built with
   none), so that each is overridable from the command line."""
   fields: dict = {}
   for instance in instances:
     fields.update(_to_plain(dataclasses.asdict(instance)))
-  fields.update(extra)
   return ml_collections.ConfigDict(fields)
 
 

@@ -26,11 +26,33 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def finished_steps(self) -> list:
+    """Steps whose checkpoint was written to the end (orbax renames `<step>.orbax-checkpoint-tmp*` when done)."""
+    if not self.directory.exists():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+  def _failed(self, error: BaseException) -> "SaveFailed":
+    # Orbax reports a failed asynchronous save at the next call; its message names the unfinished checkpoint.
+    return SaveFailed(f"checkpoint save failed in {self.directory}: {_first_line(error)}. The last good "
+                      f"checkpoint is step {(self.finished_steps() or [None])[-1]}; free space (or fix the cause) "
+                      "and rerun to resume")
+
   def save(self, step: int, state: Any, data_iterator=None, force: bool = False) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if self.with_data and data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except  (any cause: the run must not go on)
+      raise self._failed(e) from e
+
+  def check(self) -> None:
+    """Raises SaveFailed if an asynchronous save has failed since the last call (cheap: no waiting)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
 
   def restore(self, abstract_state: Any, data_iterator=None, step: Optional[int] = None):
     """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
@@ -46,10 +68,13 @@ class Checkpointer:
     return restored["state"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -64,6 +89,18 @@ def save_config(config, workdir) -> None:
 def load_config_dict(workdir) -> Optional[dict]:
   path = pathlib.Path(workdir) / "config.json"
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def _first_line(error: BaseException) -> str:
+  """The innermost cause's first line: orbax wraps the real error (e.g. `No space left on device`)."""
+  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written: the run stops at once (training on could lose every step after it)."""
 
 
 class Preempted(Exception):

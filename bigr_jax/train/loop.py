@@ -63,7 +63,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     state = init()
   start = int(jax.device_get(state.step))
 
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard, start_step=start)
   progress = metrics_lib.Progress(steps, config.batch_size, flops_per_image,
                                   chips.peak_flops_per_device(config.peak_flops_per_device))
   preempted = checkpoints.PreemptionFlag()
@@ -77,6 +77,19 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
                                f"step {ckpt.latest_step()} in {ckpt.directory}. Lower the lr or check the data.")
     averages.add(values)
 
+  def log(done, state):
+    scalars = {**averages.pop(), **progress.measure(done)}
+    try:
+      writer.write(done, scalars)
+    except OSError as e:
+      raise metrics_lib.WriteFailed(f"writing metrics to {workdir} failed at step {done}: {e}; the last good "
+                                    f"checkpoint is step {(ckpt.finished_steps() or [None])[-1]}") from e
+    if jax.process_index() == 0:
+      print(metrics_lib.format_line(done, steps, scalars), flush=True)
+    if on_log is not None:
+      on_log(done, state)
+
+  failed = False
   try:
     with jax.set_mesh(mesh):
       for step in range(start, steps):
@@ -88,16 +101,12 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
           fetch(*pending)
         done = step + 1
         pending = (done, step_metrics)
-        if done % config.log_every == 0 or done == steps:
+        ckpt.check()  # a failed background save stops the run here, not at the next save
+        stop = preempted.is_set() or ckpt.manager.reached_preemption(done)
+        if done % config.log_every == 0 or done == steps or stop:  # on SIGTERM: the steps since the last line
           fetch(*pending)
           pending = None
-          scalars = {**averages.pop(), **progress.measure(done)}
-          writer.write(done, scalars)
-          if jax.process_index() == 0:
-            print(metrics_lib.format_line(done, steps, scalars), flush=True)
-          if on_log is not None:
-            on_log(done, state)
-        stop = preempted.is_set() or ckpt.manager.reached_preemption(done)
+          log(done, state)
         if done % config.checkpoint_every == 0 or done == steps or stop:
           if pending is not None:  # never checkpoint a state whose loss was not finite
             fetch(*pending)
@@ -106,8 +115,15 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
         if stop:
           ckpt.wait()
           raise checkpoints.Preempted(done, ckpt.directory)
+  except BaseException:
+    failed = True
+    raise
   finally:
-    ckpt.close()
-    writer.close()
     preempted.restore_handler()
+    for close in (writer.close, ckpt.close):
+      try:
+        close()
+      except (OSError, checkpoints.SaveFailed):
+        if not failed:  # the last save failed as the run ended; after an earlier error, that one is reported
+          raise
   return state

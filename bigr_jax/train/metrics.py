@@ -9,12 +9,25 @@ from clu import metrics as clu_metrics
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import event_file_writer
+from tensorboardX.proto import event_pb2, summary_pb2
+
+from bigr_jax import files
+
+
+class WriteFailed(RuntimeError):
+  """Metrics could not be written (a full disk, ...): the run stops, as for a failed checkpoint save."""
 
 
 class MetricWriter:
-  """Writes scalars to `metrics.jsonl` and TensorBoard events in the workdir; only process 0 writes."""
+  """Writes scalars to `metrics.jsonl` and TensorBoard events in the workdir; only process 0 writes.
 
-  def __init__(self, workdir, tensorboard: bool = True):
+  Every write happens in the calling thread and is flushed: a full disk or a dead file raises here, at the step
+  that wrote, and nothing can block the training loop (a background writer thread could, once it died).
+  Opened at a resumed step, it drops the lines a crashed run wrote past that step, so each step is logged once.
+  """
+
+  def __init__(self, workdir, tensorboard: bool = True, start_step: int = 0):
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
@@ -22,10 +35,16 @@ class MetricWriter:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    path = workdir / "metrics.jsonl"
+    logged = read_metrics(workdir)
+    kept = [m for m in logged if m["step"] <= start_step]
+    if len(kept) != len(logged):
+      with files.atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in kept)
+    self._jsonl = open(path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      (workdir / "tensorboard").mkdir(exist_ok=True)
+      self._tb = event_file_writer.EventsWriter(str(workdir / "tensorboard" / "events"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.active:
@@ -34,14 +53,15 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(k, v, int(step))
+      summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
+                                           for k, v in scalars.items()])
+      self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+      self._tb.flush()
 
   def close(self) -> None:
-    if self._jsonl:
-      self._jsonl.close()
-    if self._tb:
-      self._tb.close()
+    for handle in (self._jsonl, self._tb):
+      if handle is not None:
+        handle.close()
 
 
 def read_metrics(workdir) -> list:

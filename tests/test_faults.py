@@ -1,0 +1,118 @@
+"""Faults around checkpoints, through the command line: a full disk, leftovers of a killed save, and a workdir
+read on another device count than the one it was trained on."""
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from bigr_jax.convert import params_io
+from bigr_jax.train import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATOR = "--config=configs/bigr_l.py:runlocal"
+
+
+def _main(*argv, devices: int = 8, timeout: int = 300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.run([sys.executable, "-m", "bigr_jax.main", *argv], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
+def _convert(*argv, devices: int):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.convert", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 3 MiB tmpfs: room for the runlocal generator's first checkpoints (about 0.9 MiB each), then full."""
+  path = tmp_path / "disk"
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(path)], capture_output=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+  yield path
+  subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("tensorboard", [True, False], ids=["tensorboard", "jsonl_only"])
+def test_a_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(small_disk, tmp_path, tensorboard):
+  workdir = small_disk / "run"
+  result = _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=100000", "--config.log_every=1",
+                 "--config.checkpoint_every=2", f"--config.tensorboard={tensorboard}", timeout=240)
+  out = result.stdout + result.stderr
+  assert result.returncode == 1, out[-3000:]
+  last = result.stdout.strip().splitlines()[-1]  # (orbax's own logs of the failure go to stderr)
+  assert last.startswith("error: checkpoint save failed") and "No space left on device" in last, last
+  assert "The last good checkpoint is step" in last
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and "step 100000" not in out
+  # The last good checkpoint is whole: it equals an uninterrupted run's state at that step, bit for bit.
+  reference = tmp_path / "reference"
+  assert _main(GENERATOR, f"--workdir={reference}", f"--config.total_steps={saved[-1]}",
+               "--config.tensorboard=False").returncode == 0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
+                         params_io.train_state(reference))
+
+
+def test_a_workdir_serves_every_device_count_and_ignores_unfinished_saves(tmp_path):
+  """Trained on 8 devices; exported on 1 and on 4 (bitwise the same), sampled on 1 and encoded on 1, with the
+  leftover of a save killed half-way beside the checkpoints."""
+  generator_dir, tokenizer_dir = tmp_path / "generator", tmp_path / "bae"
+  for config, workdir in ((GENERATOR, generator_dir), ("--config=configs/bae_d24.py:runlocal", tokenizer_dir)):
+    result = _main(config, f"--workdir={workdir}", "--config.total_steps=2", "--config.tensorboard=False")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    # What orbax leaves behind when a save is killed: a temporary directory, never renamed to its step.
+    (workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1764633600").mkdir()
+  torch = pytest.importorskip("torch")
+  exports = []
+  for devices in (1, 4):
+    exports.append(tmp_path / f"export_on_{devices}.pt")
+    _convert("to-torch", GENERATOR, f"--input={generator_dir}", f"--output={exports[-1]}", devices=devices)
+  one, four = (torch.load(path, weights_only=True)["ema"] for path in exports)
+  assert list(one) == list(four)
+  for key in one:
+    np.testing.assert_array_equal(one[key].numpy(), four[key].numpy(), err_msg=key)
+
+  result = _main(GENERATOR, f"--workdir={generator_dir}", "--mode=sample", "--config.sample.num_iter=2",
+                 "--config.sample.infer_steps=2", f"--config.tokenizer.checkpoint={tokenizer_dir}",
+                 "--config.tokenizer.config=configs/bae_d24.py:runlocal", devices=1)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert (generator_dir / "samples" / "samples.png").exists()
+  result = _main("--config=configs/bae_d24.py:runlocal", f"--workdir={tokenizer_dir}", "--mode=encode",
+                 "--config.data.split=test", devices=1)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert (tokenizer_dir / "codes" / "test").is_dir()
+
+
+def test_a_failing_tensorboard_disk_raises_in_the_training_thread(small_disk, tmp_path):
+  """TensorBoard events on a full disk: the write raises where the loop calls it, within the call. (With a
+  background writer thread, its death left the loop blocked on a full queue, SIGTERM ignored.)"""
+  (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 8192))  # the disk is nearly full
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "tensorboard").symlink_to(small_disk)  # metrics.jsonl stays on a good disk
+  outcome = {}
+
+  def write_steps():
+    try:
+      writer = metrics_lib.MetricWriter(workdir, tensorboard=True)
+      for step in range(1, 20001):
+        writer.write(step, {"loss": 0.5, "bit_accuracy": 0.5, "images_per_s": 100.0})
+      outcome["error"] = None
+    except OSError as e:
+      outcome["error"] = e
+
+  thread = threading.Thread(target=write_steps, daemon=True)
+  thread.start()
+  thread.join(timeout=60)
+  assert not thread.is_alive(), "the metrics writer blocked"
+  assert isinstance(outcome["error"], OSError) and outcome["error"].errno == errno.ENOSPC, outcome
