@@ -83,7 +83,6 @@ def run(config, workdir: str, mode: str):
   return entry(config, workdir)
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -111,7 +110,7 @@ def _exit_after_noise(message: str, status: int) -> None:
   gc.collect()
   sys.stderr.flush()
   print(message, flush=True)
-  os._exit(status)  # pylint: disable=protected-access  (no exit handlers: they only add noise here)
+  os._exit(status)  # no exit handlers: every file is closed by now, and they only add noise
 
 
 if __name__ == "__main__":
