@@ -51,6 +51,7 @@ def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:
   c.mesh = typed_config.to_section(parallel.MeshConfig())
   c.logical_axis_rules = ()  # empty: bigr_jax.parallel.DEFAULT_RULES
   c.init_from = ""
+  c.resume_step = 0  # 0: the newest checkpoint that restores; N: that step (later ones are set aside)
   c.log_every = 100
   c.checkpoint_every = 5000
   c.keep_checkpoints = 3

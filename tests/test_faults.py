@@ -116,3 +116,35 @@ def test_a_failing_tensorboard_disk_raises_in_the_training_thread(small_disk, tm
   thread.join(timeout=60)
   assert not thread.is_alive(), "the metrics writer blocked"
   assert isinstance(outcome["error"], OSError) and outcome["error"].errno == errno.ENOSPC, outcome
+
+
+def test_a_damaged_latest_checkpoint_falls_back_and_resume_step_picks_one(tmp_path):
+  workdir, reference = tmp_path / "run", tmp_path / "reference"
+  common = ("--config.checkpoint_every=2", "--config.tensorboard=False")
+  assert _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=4", *common).returncode == 0
+  checkpoints = workdir / "checkpoints"
+  for path in (checkpoints / "4" / "state").rglob("*"):  # truncated array data, as a full disk or a kill leaves
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+  result = _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=6", *common)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert f"checkpoint {checkpoints / '4'} cannot be restored" in result.stdout
+  assert "set aside as" in result.stdout and "resumed from step 2" in result.stdout
+  assert (checkpoints / "4.unreadable").is_dir()  # kept, not deleted
+  # Resumed from step 2, the run ends where an uninterrupted one does, bit for bit.
+  assert _main(GENERATOR, f"--workdir={reference}", "--config.total_steps=6", *common).returncode == 0
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
+                         params_io.train_state(reference))
+
+  result = _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=6", "--config.resume_step=4", *common)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "resumed from step 4" in result.stdout and (checkpoints / "6.after-resume").is_dir()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
+                         params_io.train_state(reference))
+
+  # Another model's config is an error about the config, and no checkpoint is touched.
+  before = sorted(p.name for p in checkpoints.iterdir())
+  result = _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=8", "--config.model.dim=128", *common)
+  assert result.returncode != 0 and "holds another model than the config's" in result.stdout + result.stderr
+  assert sorted(p.name for p in checkpoints.iterdir()) == before

@@ -62,10 +62,52 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not fit the current model/config "
-                       f"(a different model size or bits?): {e}") from e
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; the cause is named)
+      raise ValueError(f"checkpoint {self.directory / str(step)} cannot be restored: {_first_line(e)}") from e
     return restored["state"]
+
+  def set_aside(self, step: int, why: str) -> pathlib.Path:
+    """Renames a checkpoint out of the way (nothing is deleted), so that the run can save that step again."""
+    target = self.directory / f"{step}.{why}"
+    (self.directory / str(step)).rename(target)
+    self.manager.reload()
+    return target
+
+  def restore_resumable(self, abstract_state: Any, data_iterator=None, resume_step: int = 0):
+    """(state, step) from `resume_step` if > 0, else from the newest checkpoint that restores. Unreadable ones
+    are set aside as `<step>.unreadable`, and with `resume_step` the later ones as `<step>.after-resume`."""
+    steps = self.finished_steps()
+    if resume_step:
+      if resume_step not in steps:
+        raise ValueError(f"resume_step={resume_step}: no such checkpoint in {self.directory} (finished: {steps})")
+      state = self.restore(abstract_state, data_iterator, resume_step)
+      for later in [s for s in steps if s > resume_step]:
+        _say(f"resume_step={resume_step}: checkpoint {later} set aside as {self.set_aside(later, 'after-resume')}")
+      return state, resume_step
+    errors = []
+    for step in reversed(steps):
+      self._check_fits(step, abstract_state)  # another model's checkpoint is a config error, never set aside
+      try:
+        return self.restore(abstract_state, data_iterator, step), step
+      except ValueError as e:
+        errors.append(str(e))
+        if step != steps[0]:
+          _say(f"{e}; set aside as {self.set_aside(step, 'unreadable')}, trying the step before")
+    raise ValueError(f"no checkpoint in {self.directory} restores: " + " | ".join(errors))
+
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Raises if the checkpoint's recorded shapes are another model's; unreadable metadata passes (the restore
+    then fails and the checkpoint counts as damaged)."""
+    try:
+      metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+      saved = sorted(tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(metadata))
+    except Exception:  # pylint: disable=broad-except
+      return
+    wanted = sorted(tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(abstract_state))
+    if saved != wanted:  # the shapes alone: metadata and state name their paths differently
+      raise ValueError(f"checkpoint {self.directory / str(step)} holds another model than the config's (a "
+                       f"different model size, bits or scan_layers?): {len(saved)} arrays saved, "
+                       f"{len(wanted)} expected, {len(set(saved) ^ set(wanted))} shapes differ")
 
   def wait(self) -> None:
     try:
@@ -89,6 +131,11 @@ def save_config(config, workdir) -> None:
 def load_config_dict(workdir) -> Optional[dict]:
   path = pathlib.Path(workdir) / "config.json"
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def _say(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def _first_line(error: BaseException) -> str:

@@ -55,10 +55,10 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   with_data=feed.checkpointable is not None)
   checkpoints.save_config(config, workdir)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(abstract_state, feed.checkpointable)
+  if ckpt.finished_steps():
+    state, resumed = ckpt.restore_resumable(abstract_state, feed.checkpointable, config.resume_step)
     if jax.process_index() == 0:
-      print(f"resumed from step {ckpt.latest_step()} in {ckpt.directory}", flush=True)
+      print(f"resumed from step {resumed} in {ckpt.directory}", flush=True)
   else:
     state = init()
   start = int(jax.device_get(state.step))
