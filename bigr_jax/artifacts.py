@@ -40,15 +40,13 @@ def _kind(source) -> str:
                           f"(python -m bigr_jax.convert from-torch) or a file ending in {', '.join(io.SUFFIXES)}")
 
 
-def generator_params(source, model_config: GeneratorConfig, use_ema: bool = True, abstract: Any = None) -> Any:
-  """BiGR generator params from any weights source; `use_ema` picks a workdir's EMA. With `abstract`
-  (ShapeDtypeStructs with shardings) the shapes are checked and the params land in those shardings;
-  without, they are numpy trees."""
+def _read_params(source, from_torch, use_ema: bool, abstract: Any = None) -> Any:
+  """Params from any weights source; `from_torch(state_dict)` converts a released file's."""
   kind = _kind(source)
   if kind == "params":
     return params_io.load_params(source, abstract)
   if kind == "file":
-    params = generator_weights.torch_to_flax(io.read_state_dict(source), model_config)
+    params = from_torch(io.read_state_dict(source))
   else:
     params = params_io.train_state_params(source, use_ema=use_ema)
   if abstract is None:
@@ -65,14 +63,18 @@ def _check_shape(value, abstract) -> None:
     raise ValueError(f"shape {np.shape(value)} where the config has {tuple(abstract.shape)}")
 
 
+def generator_params(source, model_config: GeneratorConfig, use_ema: bool = True, abstract: Any = None) -> Any:
+  """BiGR generator params from any weights source; `use_ema` picks a workdir's EMA. With `abstract`
+  (ShapeDtypeStructs with shardings) the shapes are checked and the params land in those shardings;
+  without, they are numpy trees."""
+  return _read_params(source, lambda state_dict: generator_weights.torch_to_flax(state_dict, model_config),
+                      use_ema, abstract)
+
+
 def tokenizer_params(source, model_config: TokenizerConfig, use_ema: bool = True) -> Any:
   """B-AE params from any weights source (a released .th: its `ae.*` entries)."""
-  kind = _kind(source)
-  if kind == "file":
-    return tokenizer_weights.torch_to_flax(io.read_state_dict(source), model_config)
-  if kind == "workdir":
-    return params_io.train_state_params(source, use_ema=use_ema)
-  return params_io.load_params(source)
+  return _read_params(source, lambda state_dict: tokenizer_weights.torch_to_flax(state_dict, model_config),
+                      use_ema)
 
 
 def tokenizer_model_config(tokenizer_section) -> TokenizerConfig:

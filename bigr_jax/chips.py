@@ -9,7 +9,7 @@ Sources (public spec pages):
   (NVIDIA H100 / H200 datasheets)
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 
@@ -37,13 +37,9 @@ CHIPS = {
 }
 
 
-def chip_of(device_kind: str) -> Optional[Chip]:
-  return CHIPS.get(device_kind)
-
-
 def peak_flops_per_device(configured: float = 0.0, device=None) -> float:
   """The configured peak if set (> 0), else the table's for this device kind, else 0 (no MFU: a CPU)."""
   if configured > 0:
     return float(configured)
-  chip = chip_of((device or jax.devices()[0]).device_kind)
+  chip = CHIPS.get((device or jax.devices()[0]).device_kind)
   return chip.peak_bf16_flops if chip else 0.0

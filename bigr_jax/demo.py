@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from bigr_jax import artifacts, data, files, images as images_lib, parallel
+from bigr_jax import data, files, images as images_lib
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import generator, tokenizer
 
@@ -61,22 +61,16 @@ def digit_classifier(image_size: int):
 def evaluate(config, workdir) -> dict:
   """`--mode=evaluate` on the demo: samples of every class (`generator.sample`), scored by a classifier
   trained on real digits; writes samples.png, samples.npz and the scores into demo.json."""
-  gen, gen_workdir = generator_stage(config, workdir)
+  drawn = run_sample.draw_samples(*generator_stage(config, workdir))
+  images, labels, models = drawn.images, drawn.labels, drawn.models
   workdir = pathlib.Path(workdir)
-  sampler_config, run = run_sample.sample_settings(gen.sample)
-  models = artifacts.sampling_models(gen, gen_workdir, use_ema=run.use_ema)
-  labels = run.class_labels(models.generator_config.num_classes)
-  start = time.perf_counter()
-  images, _ = run_sample.generate_images(models, labels, sampler_config, run.seed, parallel.make_mesh(gen.mesh),
-                                         run.batch_size)
-  seconds = time.perf_counter() - start
   classifier, real_accuracy = digit_classifier(models.tokenizer_config.img_size)
   predicted = classifier.predict(images.mean(-1).reshape(len(images), -1))
-  images_lib.save_grid(images, workdir / "samples.png", nrow=run.per_class or 10)
+  images_lib.save_grid(images, workdir / "samples.png", nrow=drawn.run.per_class or 10)
   np.savez(workdir / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels)
   scores = {"sample_class_accuracy": float(np.mean(predicted == labels)), "real_digit_accuracy": real_accuracy,
             "chance": 1.0 / models.generator_config.num_classes, "num_samples": len(labels),
-            "sampling_s": seconds}
+            "sampling_s": drawn.seconds}
   _update_summary(workdir, scores)
   print(f"samples: {workdir / 'samples.png'}; a classifier trained on real digits recognises "
         f"{100 * scores['sample_class_accuracy']:.0f}% of them (chance 10%, real held-out digits "

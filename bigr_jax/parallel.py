@@ -40,7 +40,7 @@ class MeshConfig:
 
   @classmethod
   def from_config(cls, section) -> "MeshConfig":
-    return section if isinstance(section, cls) else typed_config.from_section(cls, section, "config.mesh")
+    return typed_config.from_section(cls, section, "config.mesh")
 
 
 def maybe_initialize_distributed() -> None:

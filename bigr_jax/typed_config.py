@@ -32,7 +32,10 @@ def field_names(cls) -> tuple:
 
 
 def from_section(cls, section, where: str, **overrides):
-  """`cls(**section)`; a key `cls` does not declare is an error naming `where` and the known keys."""
+  """`cls(**section)`; a key `cls` does not declare is an error naming `where` and the known keys. An instance
+  of `cls` passes through (with `overrides` replaced), so callers take either."""
+  if isinstance(section, cls):
+    return dataclasses.replace(section, **overrides)
   values = {**_as_dict(section), **overrides}
   known = field_names(cls)
   unknown = sorted(set(values) - set(known))

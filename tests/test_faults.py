@@ -18,16 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATOR = "--config=configs/bigr_l.py:runlocal"
 
 
-def _main(*argv, devices: int = 8, timeout: int = 300):
+def _run(module: str, *argv, devices: int = 8, timeout: int = 300):
+  """`python -m <module> ARGV` as a user types it, on `devices` CPU devices."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  return subprocess.run([sys.executable, "-m", "bigr_jax.main", *argv], cwd=ROOT, capture_output=True, text=True,
+  return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout, env=env)
 
 
+def _main(*argv, **kwargs):
+  return _run("bigr_jax.main", *argv, **kwargs)
+
+
 def _convert(*argv, devices: int):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  result = subprocess.run([sys.executable, "-m", "bigr_jax.convert", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
+  result = _run("bigr_jax.convert", *argv, devices=devices)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 

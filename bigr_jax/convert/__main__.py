@@ -39,7 +39,7 @@ import argparse
 import pathlib
 import sys
 
-from bigr_jax import typed_config
+from bigr_jax import artifacts, typed_config
 from bigr_jax.convert import generator_weights, io, params_io, tokenizer_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 
@@ -128,11 +128,7 @@ def to_torch(args) -> None:
   if family == "tokenizer":
     return _tokenizer_to_torch(args, config, model_config)
   _refuse_disc_flags(args, family)
-  source = pathlib.Path(args.input)
-  if (source / "checkpoints").exists():
-    params = params_io.train_state_params(source, use_ema=not args.raw_params)
-  else:
-    params = params_io.load_params(source)
+  params = artifacts.generator_params(args.input, model_config, use_ema=not args.raw_params)
   state_dict = generator_weights.flax_to_torch(params, model_config)
   generator_weights.validate(state_dict, model_config)
   out = io.write_state_dict(state_dict, output, wrap_key="ema", aliases=generator_weights.aliases(state_dict))

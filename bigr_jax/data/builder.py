@@ -37,8 +37,6 @@ class DataConfig:
 
   @classmethod
   def from_config(cls, section, **overrides) -> "DataConfig":
-    if isinstance(section, cls):
-      return dataclasses.replace(section, **overrides)
     return typed_config.from_section(cls, section, "config.data", **overrides)
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import pathlib
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,10 +127,19 @@ def generate_images(models: artifacts.SamplingModels, labels, config: sampler.Sa
   return np.concatenate(all_images), np.concatenate(all_bits)
 
 
-def sample_to_workdir(config, workdir: str):
-  """Samples `config.sample` (labels or per_class); writes workdir/samples/{samples.png, samples.npz,
-  samples.json}."""
-  workdir = pathlib.Path(workdir)
+class Drawn(NamedTuple):
+  images: np.ndarray  # (B, H, W, 3) in [0, 1]
+  bits: np.ndarray  # (B, N, K)
+  labels: np.ndarray
+  models: artifacts.SamplingModels
+  sampler_config: sampler.SamplerConfig
+  run: SampleRun
+  seconds: float  # sampling and decoding, after loading
+
+
+def draw_samples(config, workdir) -> Drawn:
+  """The samples `config.sample` asks for (labels or per_class), from the run's generator and B-AE, on
+  `config.mesh`."""
   sampler_config, run = sample_settings(config.sample)
   mesh = parallel.make_mesh(config.mesh)
   models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
@@ -137,7 +147,13 @@ def sample_to_workdir(config, workdir: str):
   sampler.check_labels(models.generator_config, labels)
   start = time.perf_counter()
   images, bits = generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
-  seconds = time.perf_counter() - start
+  return Drawn(images, bits, labels, models, sampler_config, run, time.perf_counter() - start)
+
+
+def sample_to_workdir(config, workdir: str):
+  """Samples `config.sample` (`draw_samples`); writes workdir/samples/{samples.png, samples.npz,
+  samples.json}."""
+  images, bits, labels, _, sampler_config, run, seconds = draw_samples(config, workdir)
   out = artifacts.output_path(workdir, artifacts.SAMPLES_DIR)
   images_lib.save_grid(images, out / "samples.png", nrow=run.per_class or min(8, len(images)))
   np.savez(out / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels, bits=bits.astype(np.uint8))

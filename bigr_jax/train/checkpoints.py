@@ -23,19 +23,20 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
   def finished_steps(self) -> list:
     """Steps whose checkpoint was written to the end (orbax renames `<step>.orbax-checkpoint-tmp*` when done)."""
     if not self.directory.exists():
       return []
     return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
 
+  def last_good_step(self) -> Optional[int]:
+    steps = self.finished_steps()
+    return steps[-1] if steps else None
+
   def _failed(self, error: BaseException) -> "SaveFailed":
     # Orbax reports a failed asynchronous save at the next call; its message names the unfinished checkpoint.
     return SaveFailed(f"checkpoint save failed in {self.directory}: {_first_line(error)}. The last good "
-                      f"checkpoint is step {(self.finished_steps() or [None])[-1]}; free space (or fix the cause) "
+                      f"checkpoint is step {self.last_good_step()}; free space (or fix the cause) "
                       "and rerun to resume")
 
   def save(self, step: int, state: Any, data_iterator=None, force: bool = False) -> None:
@@ -48,15 +49,15 @@ class Checkpointer:
       raise self._failed(e) from e
 
   def check(self) -> None:
-    """Raises SaveFailed if an asynchronous save has failed since the last call (cheap: no waiting)."""
+    """Raises SaveFailed if an asynchronous save has failed since the last call. It waits only for orbax's small
+    metadata writes, never for the arrays, so it can run every step."""
     try:
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise self._failed(e) from e
 
-  def restore(self, abstract_state: Any, data_iterator=None, step: Optional[int] = None):
-    """Restores the state into the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
-    step = self.latest_step() if step is None else step
+  def restore(self, abstract_state: Any, data_iterator, step: int):
+    """Restores step `step` into the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if self.with_data and data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

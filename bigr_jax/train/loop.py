@@ -74,7 +74,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     values = jax.device_get(step_metrics)
     if not np.isfinite(values["loss"]):
       raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping. The last good checkpoint is "
-                               f"step {ckpt.latest_step()} in {ckpt.directory}. Lower the lr or check the data.")
+                               f"step {ckpt.last_good_step()} in {ckpt.directory}. Lower the lr or check the data.")
     averages.add(values)
 
   def log(done, state):
@@ -83,7 +83,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
       writer.write(done, scalars)
     except OSError as e:
       raise metrics_lib.WriteFailed(f"writing metrics to {workdir} failed at step {done}: {e}; the last good "
-                                    f"checkpoint is step {(ckpt.finished_steps() or [None])[-1]}") from e
+                                    f"checkpoint is step {ckpt.last_good_step()}") from e
     if jax.process_index() == 0:
       print(metrics_lib.format_line(done, steps, scalars), flush=True)
     if on_log is not None:

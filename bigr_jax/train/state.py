@@ -57,7 +57,7 @@ class OptimConfig:
 
   @classmethod
   def from_config(cls, section, where: str = "config.optim") -> "OptimConfig":
-    return section if isinstance(section, cls) else typed_config.from_section(cls, section, where)
+    return typed_config.from_section(cls, section, where)
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
