@@ -10,16 +10,20 @@ Sampling, editing, evaluation, the demo and the app load through here; none of t
 import pathlib
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from bigr_jax import typed_config
 from bigr_jax.convert import generator_weights, io, params_io, tokenizer_weights
+from bigr_jax.models import bigr, tokenizer as tokenizer_lib
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 
 # Where each mode writes, relative to its workdir.
 SAMPLES_DIR = "samples"  # --mode=sample: samples.png, samples.npz (ADM layout), samples.json
 EVALUATION_SAMPLES = "samples/fid.npz"  # --mode=evaluate: the batch it generates and scores
+EVALUATION_PARTS = "samples/fid_parts"  # ... and that batch's finished parts, while it is drawn
+EVALUATION_RESULT = "evaluation.json"  # --mode=evaluate: FID, IS, precision and recall
 EDIT_DIR = "edit"  # --mode=edit: <task>.png, <task>.npz
 FEATURES_DIR = "features"  # --mode=features: features/<split>/, and linear_probe.json beside it
 
@@ -40,27 +44,37 @@ def _kind(source) -> str:
                           f"(python -m bigr_jax.convert from-torch) or a file ending in {', '.join(io.SUFFIXES)}")
 
 
-def _read_params(source, from_torch, use_ema: bool, abstract: Any = None) -> Any:
-  """Params from any weights source; `from_torch(state_dict)` converts a released file's."""
+def _read_params(source, from_torch, use_ema: bool, shapes: Any, abstract: Any = None) -> Any:
+  """Params from any weights source; `from_torch(state_dict)` converts a released file's. They are checked
+  against the config's parameter `shapes` (a tree of ShapeDtypeStructs) before anything uses them."""
   kind = _kind(source)
-  if kind == "params":
+  if kind == "params" and abstract is not None:
     return params_io.load_params(source, abstract)
-  if kind == "file":
+  if kind == "params":
+    params = params_io.load_params(source)
+  elif kind == "file":
     params = from_torch(io.read_state_dict(source))
   else:
     params = params_io.train_state_params(source, use_ema=use_ema)
+  mismatch = _mismatch(params, shapes)
+  if mismatch:
+    raise ValueError(f"the weights in {source} do not fit the config (model size, bits, scan_layers?): {mismatch}")
   if abstract is None:
     return params
-  try:
-    jax.tree_util.tree_map(_check_shape, params, abstract)
-  except ValueError as e:  # a different tree: other layers, scan_layers, or model size
-    raise ValueError(f"the weights in {source} do not fit the config (model size, bits, scan_layers?): {e}") from e
   return jax.device_put(params, jax.tree_util.tree_map(lambda a: a.sharding, abstract))
 
 
-def _check_shape(value, abstract) -> None:
-  if np.shape(value) != tuple(abstract.shape):
-    raise ValueError(f"shape {np.shape(value)} where the config has {tuple(abstract.shape)}")
+def _mismatch(params, shapes) -> str:
+  """How the params differ from the config's shapes ('' if they fit)."""
+  have = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  want = {jax.tree_util.keystr(k): tuple(s.shape) for k, s in jax.tree_util.tree_leaves_with_path(shapes)}
+  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  if missing or extra:
+    return f"{len(missing)} arrays missing (e.g. {missing[:2]}), {len(extra)} not in the model (e.g. {extra[:2]})"
+  wrong = [k for k in want if have[k] != want[k]]
+  if wrong:
+    return f"{len(wrong)} shapes differ, e.g. {wrong[0]} is {have[wrong[0]]} where the config has {want[wrong[0]]}"
+  return ""
 
 
 def generator_params(source, model_config: GeneratorConfig, use_ema: bool = True, abstract: Any = None) -> Any:
@@ -68,13 +82,13 @@ def generator_params(source, model_config: GeneratorConfig, use_ema: bool = True
   (ShapeDtypeStructs with shardings) the shapes are checked and the params land in those shardings;
   without, they are numpy trees."""
   return _read_params(source, lambda state_dict: generator_weights.torch_to_flax(state_dict, model_config),
-                      use_ema, abstract)
+                      use_ema, nn.unbox(bigr.param_shapes(model_config)), abstract)
 
 
 def tokenizer_params(source, model_config: TokenizerConfig, use_ema: bool = True) -> Any:
   """B-AE params from any weights source (a released .th: its `ae.*` entries)."""
   return _read_params(source, lambda state_dict: tokenizer_weights.torch_to_flax(state_dict, model_config),
-                      use_ema)
+                      use_ema, nn.unbox(tokenizer_lib.param_shapes(model_config)))
 
 
 def tokenizer_model_config(tokenizer_section) -> TokenizerConfig:

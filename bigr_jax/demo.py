@@ -41,9 +41,9 @@ def on_generator(entry):
   return run_on_demo
 
 
-def encode(config, workdir):
+def encode(config, workdir, overwrite: bool = False):
   """`--mode=encode` on the demo: codes of `tokenizer.data.split` with the workdir's B-AE."""
-  return tokenizer.encode_dataset(config.tokenizer, str(pathlib.Path(workdir) / "tokenizer"))
+  return tokenizer.encode_dataset(config.tokenizer, str(pathlib.Path(workdir) / "tokenizer"), overwrite)
 
 
 def digit_classifier(image_size: int):
@@ -112,7 +112,7 @@ def run(config, workdir) -> dict:
   for split in SPLITS:
     stage = config.copy_and_resolve_references()
     stage.tokenizer.data.split = split
-    encode(stage, workdir)
+    tokenizer.write_codes(stage.tokenizer, str(workdir / "tokenizer"))  # a rerun keeps finished codes
   lap("codes")
 
   print("== 3/4 generator: BiGR on the codes", flush=True)

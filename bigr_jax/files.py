@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a rerun after a crash) sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader (or a rerun after a crash) sees the old file or the new one, never half of one.
+And the error for an input file that cannot be used."""
 
 import contextlib
 import json
@@ -45,3 +46,8 @@ def _plain(value):
 def read_json(path) -> Any:
   with open(path) as f:
     return json.load(f)
+
+
+class UnusableFile(ValueError):
+  """An input file (weights, a checkpoint) that is truncated, damaged or of the wrong kind. Its message names the
+  file and the cause; the command line prints it as one line."""

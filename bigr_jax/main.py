@@ -4,6 +4,7 @@ Any config field can be overridden (--config.optim.lr=2e-4); a misspelled one is
 mode, the config families it accepts and what it runs; the config's `family` field names its family.
 """
 
+import functools
 import gc
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Callable, NamedTuple
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from bigr_jax import demo, evaluation, parallel
+from bigr_jax import demo, evaluation, files, parallel
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import checkpoints, generator, metrics, tokenizer
 
@@ -22,6 +23,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (with optional :args).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created if missing).")
 flags.DEFINE_string("mode", None, "Overrides config.mode; one of bigr_jax.main.MODES.")
+flags.DEFINE_bool("overwrite", False, "Replace the finished outputs of encode (codes) and of a generator's evaluate "
+                  "(evaluation.json and its generated samples); without it they are refused before any work.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -33,13 +36,16 @@ def _features(config, workdir):
   return result
 
 
-def _evaluate(config, workdir):
-  return evaluation.evaluate_samples(config, workdir, sample_batch=run_sample.evaluation_samples(config, workdir))
+def _evaluate(config, workdir, overwrite: bool = False):
+  evaluation.refuse_finished_evaluation(workdir, overwrite)  # before the samples are drawn
+  return evaluation.evaluate_samples(config, workdir, overwrite=overwrite,
+                                     sample_batch=run_sample.evaluation_samples(config, workdir, overwrite))
 
 
 class Mode(NamedTuple):
   help: str
   entries: dict  # family -> entry(config, workdir)
+  overwrites: tuple = ()  # families whose entry takes overwrite=: it refuses finished outputs without it
 
 
 MODES = {
@@ -47,7 +53,7 @@ MODES = {
                   {"generator": generator.train_and_evaluate, "tokenizer": tokenizer.train_and_evaluate,
                    "demo": demo.run}),
     "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE",
-                   {"tokenizer": tokenizer.encode_dataset, "demo": demo.encode}),
+                   {"tokenizer": tokenizer.encode_dataset, "demo": demo.encode}, overwrites=("tokenizer", "demo")),
     "sample": Mode("class-conditional samples: PNG grid and ADM-layout .npz",
                    {"generator": run_sample.sample_to_workdir, "demo": demo.on_generator(run_sample.sample_to_workdir)}),
     "edit": Mode("inpaint, outpaint, class edit, interpolation or enrichment (config.edit)",
@@ -55,15 +61,16 @@ MODES = {
     "features": Mode("pooled features of the code splits and a linear probe on them",
                      {"generator": _features, "demo": demo.on_generator(_features)}),
     "evaluate": Mode("score samples: FID / IS / precision-recall with the Inception (ImageNet); the digit "
-                     "classifier's verdict for the demo", {"generator": _evaluate, "demo": demo.evaluate}),
+                     "classifier's verdict for the demo (redrawn and rewritten each time)",
+                     {"generator": _evaluate, "demo": demo.evaluate}, overwrites=("generator",)),
     "demo": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict",
                  {"demo": demo.run}),
 }
 
 
-def entry_point(config, mode: str) -> Callable:
-  """The function that runs `mode` for this config; a mode the config's family lacks is an error, before
-  any work starts."""
+def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
+  """The function that runs `mode` for this config, as entry(config, workdir); a mode the config's family
+  lacks, or --overwrite where it means nothing, is an error before any work starts."""
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
   family = config.get("family", None)
@@ -74,11 +81,17 @@ def entry_point(config, mode: str) -> Callable:
     modes = [name for name, m in MODES.items() if family in m.entries]
     raise ValueError(f"--mode={mode} needs a config of family {' or '.join(entries)}; this config is a {family} "
                      f"config, which runs the modes {', '.join(modes)}")
+  if family in MODES[mode].overwrites:
+    return functools.partial(entries[family], overwrite=overwrite)
+  if overwrite:
+    where = [f"{name} ({', '.join(m.overwrites)})" for name, m in MODES.items() if m.overwrites]
+    raise ValueError(f"--overwrite means nothing to --mode={mode} on a {family} config; it applies to the modes "
+                     f"(families) {', '.join(where)}")
   return entries[family]
 
 
-def run(config, workdir: str, mode: str):
-  entry = entry_point(config, mode)
+def run(config, workdir: str, mode: str, overwrite: bool = False):
+  entry = entry_point(config, mode, overwrite)
   parallel.maybe_initialize_distributed()
   return entry(config, workdir)
 
@@ -90,16 +103,16 @@ def main(argv):
   config = FLAGS.config
   mode = FLAGS.mode or config.mode
   try:
-    entry_point(config, mode)
+    entry_point(config, mode, FLAGS.overwrite)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
-    run(config, FLAGS.workdir, mode)
+    run(config, FLAGS.workdir, mode, FLAGS.overwrite)
   except checkpoints.Preempted as e:
     print(e, flush=True)
     raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
-  except (checkpoints.SaveFailed, metrics.WriteFailed) as e:
-    _exit_after_noise(f"error: {e}", 1)
+  except (checkpoints.SaveFailed, metrics.WriteFailed, files.UnusableFile, FileExistsError, FileNotFoundError) as e:
+    _exit_after_noise(f"error: {e}", 1)  # the message names the file and the cause: no traceback
 
 
 def _exit_after_noise(message: str, status: int) -> None:

@@ -177,6 +177,19 @@ def test_wrong_family_and_mode_pairs_are_refused_before_any_work():
   assert not os.path.exists("/nonexistent/workdir")
 
 
+def test_overwrite_is_refused_where_it_means_nothing_and_guards_a_finished_evaluation(tmp_path):
+  generator_config = parse()
+  with pytest.raises(ValueError, match="--overwrite means nothing to --mode=sample on a generator config; it "
+                                       r"applies to the modes \(families\) encode \(tokenizer, demo\), evaluate "
+                                       r"\(generator\)"):
+    main.entry_point(generator_config, "sample", overwrite=True)
+  finished = tmp_path / "evaluation.json"
+  finished.write_text('{"fid": 3.1}')
+  with pytest.raises(FileExistsError, match="evaluation.json exists.*--overwrite"):  # before any sample is drawn
+    main.run(generator_config, str(tmp_path), "evaluate")
+  assert finished.read_text() == '{"fid": 3.1}' and not (tmp_path / "samples").exists()
+
+
 def test_peak_flops_come_from_the_device_kind():
   assert chips.peak_flops_per_device(0.0, device=type("D", (), {"device_kind": "TPU v5 lite"})()) == 197e12
   assert chips.peak_flops_per_device(0.0, device=type("D", (), {"device_kind": "TPU v4"})()) == 275e12

@@ -262,16 +262,41 @@ def test_tokenizer_to_torch_from_a_training_workdir(tmp_path, bae_local):
     _assert_same_state_dict(torch.load(out, weights_only=True), want)
 
 
-def test_to_torch_never_overwrites(tmp_path, fixture_model, capsys):
-  model_args, _ = fixture_model
+def test_to_torch_overwrites_only_when_told(tmp_path, fixture_model, capsys):
+  torch = pytest.importorskip("torch")
+  model_args, state_dict = fixture_model
   generator_config = _config_file(tmp_path, model_args)
+  params = tmp_path / "params"
+  source = io.write_state_dict(state_dict, tmp_path / "weights.npz")
+  assert convert_cli.main(["from-torch", f"--config={generator_config}", f"--input={source}",
+                           f"--output={params}"]) == 0
+  existing = tmp_path / "existing.pt"
   for config in (generator_config, BAE_LOCAL):
-    existing = tmp_path / "existing.pt"
     existing.write_bytes(b"keep me")
-    assert convert_cli.main(["to-torch", f"--config={config}", f"--input={tmp_path / 'any'}",
-                             f"--output={existing}"]) == 2
+    assert convert_cli.main(["to-torch", f"--config={config}", f"--input={params}", f"--output={existing}"]) == 2
     assert "exists" in capsys.readouterr().err
     assert existing.read_bytes() == b"keep me"
+  assert convert_cli.main(["to-torch", f"--config={generator_config}", f"--input={params}", f"--output={existing}",
+                           "--overwrite"]) == 0
+  exported = torch.load(existing, weights_only=True)["ema"]
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(exported[key].numpy(), value, err_msg=key)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".npz"])
+def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path, fixture_model, capsys, suffix):
+  if suffix == ".pt":
+    pytest.importorskip("torch")
+  model_args, state_dict = fixture_model
+  config = _config_file(tmp_path, model_args)
+  whole = io.write_state_dict(state_dict, tmp_path / f"weights{suffix}")
+  truncated = tmp_path / f"truncated{suffix}"
+  truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+  assert convert_cli.main(["from-torch", f"--config={config}", f"--input={truncated}",
+                           f"--output={tmp_path / 'params'}"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith(f"error: {truncated} cannot be read"), err
+  assert "truncated or damaged" in err and not (tmp_path / "params").exists()
 
 
 def test_disc_flags_need_a_tokenizer_config(tmp_path, fixture_model, capsys):

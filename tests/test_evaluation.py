@@ -415,6 +415,12 @@ def test_evaluate_samples_end_to_end(tmp_path, flax_inception, parity_images, mo
   result = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
   assert set(result) >= {"fid", "sfid", "inception_score", "precision", "recall"}
   assert json.loads((tmp_path / "evaluation.json").read_text())["fid"] == pytest.approx(result["fid"])
+  with pytest.raises(FileExistsError, match="evaluation.json exists"):  # a finished evaluation is kept
+    run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
+  (tmp_path / "evaluation.json").write_text("{}")
+  again = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh,
+                                   overwrite=True)
+  assert json.loads((tmp_path / "evaluation.json").read_text())["fid"] == pytest.approx(again["fid"])
   # The same metrics from unsharded activations.
   params, apply = flax_inception
   acts = {}

@@ -1,5 +1,6 @@
 """B-AE training end to end: it learns to reconstruct real photos, writes grids, resumes; code extraction."""
 
+import json
 import os
 
 import jax
@@ -84,12 +85,37 @@ def test_train_resume_grids_and_encode(tmp_path):
 
   config.data.split = "test"
   out = tokenizer_train.encode_dataset(config, str(workdir))
+  with pytest.raises(FileExistsError, match="finished codes.*--overwrite"):  # before any weights are read
+    tokenizer_train.encode_dataset(config, str(workdir))
+  before = (out / "codes.npy").read_bytes()
+  config.seed += 1  # other Bernoulli draws: the codes written again differ
+  assert tokenizer_train.encode_dataset(config, str(workdir), overwrite=True) == out
+  assert (out / "codes.npy").read_bytes() != before
   codes = data.CodesSource(str(out), flip=False)
   record = codes[0]
   grid = config.model.img_size // 8
   assert record["codes"].shape == (grid * grid, config.model.codebook_size)
   assert set(np.unique(record["codes"])) <= {0, 1}
   assert len(codes) == len(data.DigitsSource(split="test", image_size=config.model.img_size))
+
+
+def test_skipped_images_are_counted_in_the_metrics(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split in ("train", "validation"):
+    for i in range(6):
+      path = tmp_path / split / f"class{i % 2}" / f"{i}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+  (tmp_path / "train" / "class0" / "broken.png").write_bytes(b"not a png")
+  Image.new("RGB", (8, 8)).save(tmp_path / "train" / "class1" / "tiny.png")  # below min_image_size=16
+  config = local_config(total_steps=5, log_every=1, checkpoint_every=5)
+  config.data.update(name="folder", data_dir=str(tmp_path), eval_split="validation", on_bad_image="skip")
+  config.batch_size = 8  # a batch is an epoch of the 8 files, with its 2 bad ones
+  tokenizer_train.train_and_evaluate(config, str(tmp_path / "bae"))
+  lines = [json.loads(line) for line in (tmp_path / "bae" / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
+  assert sum(line["skipped_images"] for line in lines) == 10
 
 
 def test_missing_lpips_weights_is_a_clear_error():

@@ -32,7 +32,8 @@ discriminator: `disc_params` and `disc_stats`), and writes a flat {`ae.*`, `disc
 the released files without `perceptual.*`; the original's `load_pretrain` keeps exactly the `ae.*` keys.
 BatchNorm step counters (`num_batches_tracked`) are written as 0.
 
-`to-torch` never overwrites an existing file and `from-torch` never an existing directory.
+`to-torch` refuses an existing output file unless given --overwrite; `from-torch` never writes into an existing
+directory.
 """
 
 import argparse
@@ -121,8 +122,8 @@ def _tokenizer_from_torch(args, config, model_config) -> None:
 
 def to_torch(args) -> None:
   output = pathlib.Path(args.output)
-  if output.exists():
-    raise FileExistsError(f"{output} exists; choose a new output file (to-torch never overwrites)")
+  if output.exists() and not args.overwrite:
+    raise FileExistsError(f"{output} exists; choose a new output file, or pass --overwrite to replace it")
   family, config = _load_config(args.config)
   model_config = _model_config(family, config)
   if family == "tokenizer":
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True)
   p.add_argument("--input", required=True)
   p.add_argument("--output", required=True, help=".pt/.pth/.th, .safetensors or .npz; must not exist")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --output (atomically)")
   p.add_argument("--raw-params", action="store_true", help="export the raw params of a workdir, not the EMA")
   p.add_argument("--disc-input", default=None,
                  help="tokenizer only: a discriminator directory (from --disc-output) to export as disc.*")

@@ -31,6 +31,17 @@ def read_state_dict(path, key: Optional[str] = None) -> dict:
   suffix = path.suffix.lower()
   if suffix not in SUFFIXES:
     raise ValueError(f"unknown weights format {suffix!r} for {path}; use .th/.pt/.pth/.bin, .npz or .safetensors")
+  try:
+    return _read(path, suffix, key)
+  except (ValueError, KeyError, ImportError):  # ours: they name the file and what is wrong
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (each reader fails its own way on a damaged file)
+    raise files.UnusableFile(f"{path} cannot be read as {suffix} weights ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); the file is "
+                             "truncated or damaged: download or export it again") from e
+
+
+def _read(path: pathlib.Path, suffix: str, key: Optional[str]) -> dict:
   if suffix in TORCH_SUFFIXES:
     import pickle
     try:

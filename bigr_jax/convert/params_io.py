@@ -1,11 +1,15 @@
 """Params-only orbax checkpoints (what `python -m bigr_jax.convert from-torch` writes)."""
 
+import logging
 import pathlib
+import sys
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from bigr_jax import files
 
 
 def save_params(params: Any, directory) -> pathlib.Path:
@@ -41,13 +45,46 @@ def train_state(workdir, step: Optional[int] = None) -> dict:
     raise FileNotFoundError(f"no training checkpoints under {root}")
   path = root / str(steps[-1] if step is None else step) / "state"
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = ocp.StandardCheckpointHandler().metadata(path)  # the item's tree: shapes and dtypes
-  target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(path, target)
+  quiet_failed_reads()
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(path)  # the item's tree: shapes and dtypes
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    with ocp.StandardCheckpointer() as checkpointer:
+      state = checkpointer.restore(path, target)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; the cause is named)
+    raise files.UnusableFile(f"checkpoint {path.parent} cannot be read: {first_cause(e)}. Resuming the training "
+                             "run sets it aside and falls back to the step before") from e
   return jax.tree_util.tree_map(np.asarray, state)
 
 
 def train_state_params(workdir, use_ema: bool = True, step: Optional[int] = None) -> Any:
   """Params (EMA by default) of a training workdir's latest (or given) checkpoint, as numpy trees."""
   return train_state(workdir, step)["ema_params" if use_ema else "params"]
+
+
+def first_cause(error: BaseException) -> str:
+  """The innermost cause's first line: orbax wraps the real error (e.g. `No space left on device`), and
+  tensorstore appends its whole JSON spec, which names nothing the cause does not."""
+  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  line = text[0].split(" [tensorstore_spec")[0] if text else ""
+  return f"{type(error).__name__}: {line}"
+
+
+def quiet_failed_reads() -> None:
+  """When a restore fails, orbax's other pending reads fail too, as they finish: each reports `RuntimeError:
+  Event loop is closed` through sys.unraisablehook, or asyncio logs its never-retrieved task. Hundreds of
+  tracebacks that bury the real cause. This drops exactly those two kinds of report and passes every other on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_event_loops", False):
+    return
+
+  def hook(report):
+    if not (report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"):
+      previous(report)
+
+  hook.drops_closed_event_loops = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not record.getMessage().startswith("Task exception was never retrieved"))

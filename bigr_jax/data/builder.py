@@ -23,7 +23,7 @@ class DataConfig:
   flip: bool = False
   worker_count: int = 0  # grain worker processes (0: in the main process)
   on_bad_image: str = "raise"
-  min_image_size: int = 16
+  min_image_size: int = sources.MIN_IMAGE_SIZE
   tfds_name: str = "imagenet2012"
   code_bits: int = 0
   code_grid: int = 16

@@ -297,9 +297,23 @@ class OriginalCodesSource(_LazyArrays):
     return f"OriginalCodesSource(split={self.split!r}, records={self._len}, bits={self.bits})"
 
 
+IF_COMPLETE = ("keep", "refuse", "overwrite")
+
+
+def complete_codes(directory: str, num_records: int) -> bool:
+  """Whether `directory` holds finished codes of `num_records` records."""
+  return os.path.isfile(os.path.join(directory, META_FILE)) and _read_meta(directory)["count"] >= num_records
+
+
+def refuse_complete(directory: str, num_records: int) -> None:
+  if complete_codes(directory, num_records):
+    raise FileExistsError(f"{directory} holds finished codes of all {num_records} records; pass --overwrite to "
+                          "encode them again")
+
+
 def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], directory: str, *,
                     image_size: int, batch_size: int, with_flipped: bool = True, packed: bool = True,
-                    num_read_threads: int = 16) -> CodesWriter:
+                    num_read_threads: int = 16, if_complete: str = "keep") -> CodesWriter:
   """Encodes every image of `source` into a codes directory, resuming where a previous run stopped.
 
   Records are encoded in source order (center crop, float32 in [0, 1], no flip); with
@@ -315,13 +329,20 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
     with_flipped: also store codes of the mirrored images (keeps flip augmentation).
     packed: store 8 bits a byte.
     num_read_threads: threads reading and decoding images.
+    if_complete: what finished codes in `directory` get: "keep" (return them), "refuse" (FileExistsError) or
+      "overwrite" (encode again). Unfinished ones always resume.
 
   Returns:
     The closed writer (`count`, `complete`).
   """
+  if if_complete not in IF_COMPLETE:
+    raise ValueError(f"if_complete={if_complete!r}; expected one of {IF_COMPLETE}")
   n = len(source)
+  if if_complete == "refuse":
+    refuse_complete(directory, n)
+  overwrite = if_complete == "overwrite" and complete_codes(directory, n)
   writer = None
-  if os.path.isfile(os.path.join(directory, META_FILE)):
+  if os.path.isfile(os.path.join(directory, META_FILE)) and not overwrite:
     meta = _read_meta(directory)
     writer = CodesWriter(directory, num_records=n, num_tokens=meta["num_tokens"], bits=meta["bits"],
                          packed=packed, with_flipped=with_flipped)
@@ -343,7 +364,7 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
         if codes.ndim != 3:
           raise ValueError(f"encode_fn returned shape {codes.shape}; expected (batch, tokens, bits)")
         writer = CodesWriter(directory, num_records=n, num_tokens=codes.shape[1], bits=codes.shape[2],
-                             packed=packed, with_flipped=with_flipped)
+                             packed=packed, with_flipped=with_flipped, overwrite=overwrite)
       flipped = np.asarray(encode_fn(batch["image"][:, :, ::-1])) if with_flipped else None
       writer.append(codes, batch["label"], flipped)
       skipped += int(np.sum(batch.get("skipped", 0)))

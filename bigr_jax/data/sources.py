@@ -36,6 +36,7 @@ from PIL import Image
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ON_BAD_IMAGE_CHOICES = ("raise", "skip")
+MIN_IMAGE_SIZE = 16  # px on the shorter side; below it an image counts as bad (data.min_image_size)
 # A run of this many bad records in a row means the data, not a stray file, is broken.
 MAX_CONSECUTIVE_SKIPS = 64
 
@@ -59,7 +60,7 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def decode_image(data: bytes, name: str, min_image_size: int = 0) -> np.ndarray:
+def decode_image(data: bytes, name: str, min_image_size: int = MIN_IMAGE_SIZE) -> np.ndarray:
   """Decodes encoded image bytes to uint8 HxWx3 RGB.
 
   Args:
@@ -105,7 +106,7 @@ class DecodedImageSource:
 
   num_classes: int
 
-  def __init__(self, *, on_bad_image: str = "raise", min_image_size: int = 0):
+  def __init__(self, *, on_bad_image: str = "raise", min_image_size: int = MIN_IMAGE_SIZE):
     if on_bad_image not in ON_BAD_IMAGE_CHOICES:
       raise ValueError(f"on_bad_image={on_bad_image!r}; expected one of {ON_BAD_IMAGE_CHOICES}")
     if min_image_size < 0:
@@ -192,7 +193,7 @@ def find_image_folder(root: str,
 class ImageFolderSource(DecodedImageSource):
   """Class sub-folders of images (torchvision ImageFolder order and labels)."""
 
-  def __init__(self, root: str, *, on_bad_image: str = "raise", min_image_size: int = 0,
+  def __init__(self, root: str, *, on_bad_image: str = "raise", min_image_size: int = MIN_IMAGE_SIZE,
                extensions: Sequence[str] = IMG_EXTENSIONS):
     super().__init__(on_bad_image=on_bad_image, min_image_size=min_image_size)
     self.root = os.fspath(root)
@@ -224,7 +225,7 @@ class TfdsImageSource(DecodedImageSource):
   """A tfds image classification data set in array_record format (default: ImageNet-1k)."""
 
   def __init__(self, name: str = "imagenet2012", split: str = "train", data_dir: Optional[str] = None,
-               *, on_bad_image: str = "raise", min_image_size: int = 0):
+               *, on_bad_image: str = "raise", min_image_size: int = MIN_IMAGE_SIZE):
     super().__init__(on_bad_image=on_bad_image, min_image_size=min_image_size)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
     self.name, self.split, self.data_dir = name, split, data_dir

@@ -9,3 +9,4 @@ from bigr_jax.evaluation.run import evaluate_samples
 from bigr_jax.evaluation.run import evaluation_config
 from bigr_jax.evaluation.run import extract_features
 from bigr_jax.evaluation.run import probe_features
+from bigr_jax.evaluation.run import refuse_finished_evaluation

@@ -201,15 +201,24 @@ def reference_activations(runner: metrics_lib.InceptionRunner, reference_batch: 
   return acts
 
 
+def refuse_finished_evaluation(workdir, overwrite: bool) -> None:
+  path = artifacts.output_path(workdir, artifacts.EVALUATION_RESULT)
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists: this workdir is evaluated already. Pass --overwrite to evaluate again "
+                          f"(it replaces that file, and redraws {artifacts.EVALUATION_SAMPLES} if it was drawn here)")
+
+
 def evaluate_samples(config, workdir: str, *, sample_batch: Optional[str] = None, inception_params=None,
-                     mesh=None) -> dict:
+                     mesh=None, overwrite: bool = False) -> dict:
   """FID, sFID, IS, precision and recall of an ADM-layout sample batch against the reference batch.
 
   Reads `config.evaluation` (sample_batch, reference_batch, reference_stats, inception_weights, num_samples,
-  batch_size, pr_k, distance_dtype) and `config.mesh`. Writes `<workdir>/evaluation.json` and returns the
-  metrics dict (fid, sfid, inception_score, precision, recall, num_samples, num_reference).
+  batch_size, pr_k, distance_dtype) and `config.mesh`. Writes `<workdir>/evaluation.json` (an existing one is
+  refused unless `overwrite`) and returns the metrics dict (fid, sfid, inception_score, precision, recall,
+  num_samples, num_reference).
   `inception_params` (Flax) skips reading the weights file.
   """
+  refuse_finished_evaluation(workdir, overwrite)
   ev = evaluation_config(config)
   sample_batch = sample_batch or ev.sample_batch or str(artifacts.output_path(workdir, artifacts.EVALUATION_SAMPLES))
   if not os.path.isfile(sample_batch):
@@ -235,5 +244,5 @@ def evaluate_samples(config, workdir: str, *, sample_batch: Optional[str] = None
                                        distance_dtype=ev.distance_dtype)
   result.update(sample_batch=sample_batch, reference_batch=ev.reference_batch, reference_stats=ev.reference_stats)
   logging.info("evaluate: %s", json.dumps(result))
-  _write_json(os.path.join(workdir, "evaluation.json"), result)
+  _write_json(str(artifacts.output_path(workdir, artifacts.EVALUATION_RESULT)), result)
   return result

@@ -4,6 +4,7 @@ converted) generator, as PNG grids and .npz, with the settings of `config.sample
 import dataclasses
 import functools
 import pathlib
+import shutil
 import time
 from typing import NamedTuple
 
@@ -219,10 +220,10 @@ def edit_to_workdir(config, workdir: str):
   return images
 
 
-def evaluation_samples(config, workdir: str) -> str:
+def evaluation_samples(config, workdir: str, overwrite: bool = False) -> str:
   """The ADM-layout sample batch to evaluate: `evaluation.sample_batch` if set, else workdir/samples/fid.npz,
   generated here if missing (`evaluation.num_samples` images, classes in turn, 50 per class for 50k), with
-  the sampler settings of `config.sample`.
+  the sampler settings of `config.sample`; `overwrite` draws it again.
 
   Resumable: each batch is kept in samples/fid_parts/ as it is made, and a rerun skips the batches present.
   """
@@ -230,6 +231,10 @@ def evaluation_samples(config, workdir: str) -> str:
   if ev.sample_batch:
     return ev.sample_batch
   out = artifacts.output_path(workdir, artifacts.EVALUATION_SAMPLES)
+  parts = artifacts.output_path(workdir, artifacts.EVALUATION_PARTS)
+  if overwrite:
+    out.unlink(missing_ok=True)
+    shutil.rmtree(parts, ignore_errors=True)
   if out.exists():
     return str(out)
   sampler_config, run = sample_settings(config.sample)
@@ -239,7 +244,6 @@ def evaluation_samples(config, workdir: str) -> str:
   num = ev.num_samples or 50 * num_classes
   labels = np.arange(num) % num_classes
   batch = parallel.round_up_to_shards(run.batch_size or 64, mesh)
-  parts = out.parent / "fid_parts"
   parts.mkdir(parents=True, exist_ok=True)
   for start in range(0, num, batch):
     part = parts / f"{start:08d}.npy"

@@ -10,6 +10,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bigr_jax import files
+from bigr_jax.convert import params_io
+
 
 class Checkpointer:
   """Saves {state, data iterator} under workdir/checkpoints and restores onto any mesh."""
@@ -35,7 +38,7 @@ class Checkpointer:
 
   def _failed(self, error: BaseException) -> "SaveFailed":
     # Orbax reports a failed asynchronous save at the next call; its message names the unfinished checkpoint.
-    return SaveFailed(f"checkpoint save failed in {self.directory}: {_first_line(error)}. The last good "
+    return SaveFailed(f"checkpoint save failed in {self.directory}: {params_io.first_cause(error)}. The last good "
                       f"checkpoint is step {self.last_good_step()}; free space (or fix the cause) "
                       "and rerun to resume")
 
@@ -57,15 +60,26 @@ class Checkpointer:
       raise self._failed(e) from e
 
   def restore(self, abstract_state: Any, data_iterator, step: int):
-    """Restores step `step` into the shardings of `abstract_state` (ShapeDtypeStructs with shardings)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    """Restores step `step` into the shardings of `abstract_state` (ShapeDtypeStructs with shardings). A
+    checkpoint that does not restore is an UnusableFile naming it, the damaged part and the first real cause."""
+    params_io.quiet_failed_reads()
+    path = self.directory / str(step)
+    missing = [name for name in ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
+               if not (path / name).is_file()]
+    if missing:
+      raise files.UnusableFile(f"checkpoint {path} cannot be restored: {', '.join(missing)} missing")
+    state = self._restore_item(step, "state", ocp.args.StandardRestore(abstract_state), path / "state")
     if self.with_data and data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      data_file = path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      self._restore_item(step, "data", grain.checkpoint.CheckpointRestore(data_iterator), data_file)
+    return state
+
+  def _restore_item(self, step: int, name: str, args, where: pathlib.Path):
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; the cause is named)
-      raise ValueError(f"checkpoint {self.directory / str(step)} cannot be restored: {_first_line(e)}") from e
-    return restored["state"]
+      raise files.UnusableFile(f"checkpoint {self.directory / str(step)} cannot be restored: {where}: "
+                       f"{params_io.first_cause(e)}") from e
 
   def set_aside(self, step: int, why: str) -> pathlib.Path:
     """Renames a checkpoint out of the way (nothing is deleted), so that the run can save that step again."""
@@ -77,6 +91,7 @@ class Checkpointer:
   def restore_resumable(self, abstract_state: Any, data_iterator=None, resume_step: int = 0):
     """(state, step) from `resume_step` if > 0, else from the newest checkpoint that restores. Unreadable ones
     are set aside as `<step>.unreadable`, and with `resume_step` the later ones as `<step>.after-resume`."""
+    params_io.quiet_failed_reads()  # reading a damaged checkpoint's metadata fails noisily too
     steps = self.finished_steps()
     if resume_step:
       if resume_step not in steps:
@@ -90,11 +105,11 @@ class Checkpointer:
       self._check_fits(step, abstract_state)  # another model's checkpoint is a config error, never set aside
       try:
         return self.restore(abstract_state, data_iterator, step), step
-      except ValueError as e:
+      except files.UnusableFile as e:
         errors.append(str(e))
         if step != steps[0]:
           _say(f"{e}; set aside as {self.set_aside(step, 'unreadable')}, trying the step before")
-    raise ValueError(f"no checkpoint in {self.directory} restores: " + " | ".join(errors))
+    raise files.UnusableFile(f"no checkpoint in {self.directory} restores: " + " | ".join(errors))
 
   def _check_fits(self, step: int, abstract_state: Any) -> None:
     """Raises if the checkpoint's recorded shapes are another model's; unreadable metadata passes (the restore
@@ -137,14 +152,6 @@ def load_config_dict(workdir) -> Optional[dict]:
 def _say(line: str) -> None:
   if jax.process_index() == 0:
     print(line, flush=True)
-
-
-def _first_line(error: BaseException) -> str:
-  """The innermost cause's first line: orbax wraps the real error (e.g. `No space left on device`)."""
-  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
-    error = error.__cause__ or error.__context__
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class SaveFailed(RuntimeError):

@@ -5,6 +5,7 @@ import pathlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from bigr_jax import chips, parallel
@@ -12,7 +13,7 @@ from bigr_jax.train import checkpoints, metrics as metrics_lib
 
 
 class Feed(NamedTuple):
-  iterator: Any  # yields dicts of host-local numpy batches
+  iterator: Any  # yields dicts of host-local numpy batches; a "skipped" entry counts bad images replaced
   checkpointable: Optional[Any]  # a grain iterator whose state goes into checkpoints, if any
   num_examples: Optional[int]
 
@@ -69,6 +70,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   preempted = checkpoints.PreemptionFlag()
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   pending, averages = None, metrics_lib.ScalarAverages()
+  skipped = None  # bad images replaced since the last log line, on this process (for sources that decode)
 
   def fetch(step, step_metrics):
     values = jax.device_get(step_metrics)
@@ -78,7 +80,11 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     averages.add(values)
 
   def log(done, state):
+    nonlocal skipped
     scalars = {**averages.pop(), **progress.measure(done)}
+    if skipped is not None:  # every process reads the same kind of source, so all of them take part
+      scalars["skipped_images"] = int(np.sum(multihost_utils.process_allgather(np.int64(skipped))))
+      skipped = 0
     try:
       writer.write(done, scalars)
     except OSError as e:
@@ -93,7 +99,10 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   try:
     with jax.set_mesh(mesh):
       for step in range(start, steps):
-        batch = parallel.to_global(next(feed.iterator), mesh)
+        host_batch = next(feed.iterator)
+        if "skipped" in host_batch:
+          skipped = (skipped or 0) + int(np.sum(host_batch.pop("skipped")))
+        batch = parallel.to_global(host_batch, mesh)
         if step == start and jax.process_count() > 1:
           train_step = _compile_then_meet(train_step, state, batch, train_key)
         state, step_metrics = train_step(state, batch, train_key)

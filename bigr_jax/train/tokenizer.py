@@ -167,7 +167,7 @@ def image_feed(config):
                             num_epochs=None, transforms=data.build_transforms(data_config),
                             worker_count=data_config.worker_count)
   iterator = iter(loader)
-  images = ({"image": b["image"]} for b in iterator)
+  images = ({key: b[key] for key in ("image", "skipped") if key in b} for b in iterator)
   return loop.Feed(images, iterator, len(source))
 
 
@@ -221,13 +221,23 @@ def train_and_evaluate(config, workdir: str) -> TokenizerState:
                   abstract_state=trainer.abstract_state, train_step=trainer.train_step, on_log=on_log)
 
 
-def encode_dataset(config, workdir: str):
+def encode_dataset(config, workdir: str, overwrite: bool = False):
   """`--mode=encode`: bit codes (and codes of the flipped images) of `config.data` into workdir/codes/<split>.
 
   The tokenizer comes from `config.tokenizer.checkpoint` (any source `artifacts.tokenizer_params` reads),
   or, if that is empty, from this workdir's own tokenizer training (EMA). Resumable: a rerun continues where
-  it stopped.
+  it stopped. Finished codes are refused unless `overwrite`, before anything is loaded.
   """
+  return write_codes(config, workdir, if_complete="overwrite" if overwrite else "refuse")
+
+
+def write_codes(config, workdir: str, if_complete: str = "keep"):
+  """`encode_dataset` with the choice of `data.encode_to_codes`' `if_complete` (the demo keeps finished codes)."""
+  data_config = data.DataConfig.from_config(config.data)
+  source = data.build_source(data_config)
+  out = pathlib.Path(workdir) / "codes" / (data_config.split or "train")
+  if if_complete == "refuse":  # before the weights are read
+    data.codes.refuse_complete(str(out), len(source))
   model_config = TokenizerConfig.from_config(config.model)
   params = artifacts.tokenizer_params(config.tokenizer.checkpoint or workdir, model_config)
   mesh = parallel.make_mesh(config.mesh)
@@ -251,10 +261,8 @@ def encode_dataset(config, workdir: str):
                     jax.random.fold_in(seed_key, calls[0]))
     return np.asarray(bits)[:batch]
 
-  data_config = data.DataConfig.from_config(config.data)
-  out = pathlib.Path(workdir) / "codes" / (data_config.split or "train")
-  writer = data.encode_to_codes(data.build_source(data_config), encode_fn, str(out),
-                                image_size=model_config.img_size, batch_size=config.encode_batch_size,
-                                with_flipped=config.encode_flipped)
+  writer = data.encode_to_codes(source, encode_fn, str(out), image_size=model_config.img_size,
+                                batch_size=config.encode_batch_size, with_flipped=config.encode_flipped,
+                                if_complete=if_complete)
   print(f"codes: {writer.count} records in {out}", flush=True)
   return out
