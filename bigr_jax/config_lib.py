@@ -6,7 +6,7 @@ defaults live in the dataclasses alone and every field can be overridden on the 
 
 import ml_collections
 
-from bigr_jax import parallel, typed_config
+from bigr_jax import chips, parallel, typed_config
 from bigr_jax.data import builder as data_lib
 from bigr_jax.evaluation import run as evaluation_run
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig
@@ -49,6 +49,7 @@ def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:
   c.total_steps = 0  # 0: derived from num_epochs and the dataset size
   c.num_epochs = 0.0
   c.mesh = typed_config.to_section(parallel.MeshConfig())
+  c.compile = typed_config.to_section(chips.CompileConfig())  # --mode=compile: the chips to compile for
   c.logical_axis_rules = ()  # empty: bigr_jax.parallel.DEFAULT_RULES
   c.init_from = ""
   c.resume_step = 0  # 0: the newest checkpoint that restores; N: that step (later ones are set aside)

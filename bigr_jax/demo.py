@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from bigr_jax import data, files, images as images_lib
+from bigr_jax import aot, data, files, images as images_lib
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import generator, tokenizer
 
@@ -44,6 +44,14 @@ def on_generator(entry):
 def encode(config, workdir, overwrite: bool = False):
   """`--mode=encode` on the demo: codes of `tokenizer.data.split` with the workdir's B-AE."""
   return tokenizer.encode_dataset(config.tokenizer, str(pathlib.Path(workdir) / "tokenizer"), overwrite)
+
+
+def compile_programs(config, workdir) -> dict:
+  """`--mode=compile` on the demo: its tokenizer's and its generator's programs, each for its own
+  `compile` section (`--config.tokenizer.compile.topology`, `--config.generator.compile.topology`)."""
+  gen, gen_workdir = generator_stage(config, workdir)
+  return {"tokenizer": aot.run(config.tokenizer, pathlib.Path(workdir) / "tokenizer", "tokenizer"),
+          "generator": aot.run(gen, gen_workdir, "generator")}
 
 
 def digit_classifier(image_size: int):

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from bigr_jax import demo, evaluation, files, parallel
+from bigr_jax import aot, demo, evaluation, files, parallel
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import checkpoints, generator, metrics, tokenizer
 
@@ -65,6 +65,9 @@ MODES = {
                      {"generator": _evaluate, "demo": demo.evaluate}, overwrites=("generator",)),
     "demo": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict",
                  {"demo": demo.run}),
+    "compile": Mode("compile every program of the run for config.compile's chips (a TPU topology, from any host): "
+                    "HBM, FLOPs, collectives and time bounds per chip; exit 1 if one does not fit",
+                    {"generator": aot.run, "tokenizer": aot.run, "demo": demo.compile_programs}),
 }
 
 
@@ -111,7 +114,8 @@ def main(argv):
   except checkpoints.Preempted as e:
     print(e, flush=True)
     raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
-  except (checkpoints.SaveFailed, metrics.WriteFailed, files.UnusableFile, FileExistsError, FileNotFoundError) as e:
+  except (checkpoints.SaveFailed, metrics.WriteFailed, files.UnusableFile, FileExistsError, FileNotFoundError,
+          aot.DoesNotFit) as e:
     _exit_after_noise(f"error: {e}", 1)  # the message names the file and the cause: no traceback
 
 

@@ -157,7 +157,7 @@ def cmd_setup(args, extra):
                   "(command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh)",
                   ["cd", remote],
                   f"(test -x .venv/bin/python || {shlex.join(['uv', 'venv', '--python', args.python, '.venv'])})",
-                  ["uv", "pip", "install", "--python", ".venv/bin/python", "-e", ".", "jax[tpu]"],
+                  ["uv", "pip", "install", "--python", ".venv/bin/python", "-e", ".[tpu]"],  # jax[tpu] at the pinned jax
                   [".venv/bin/python", "-c", "import bigr_jax, jax; print('jax', jax.__version__)"])
   commands.append(target.ssh(chain(fetch, install)))
   return commands

@@ -66,3 +66,10 @@ def test_demo_then_every_mode_on_its_workdir(tmp_path):
   _main(workdir, "--mode=evaluate", "--config.generator.sample.per_class=1")
   assert (workdir / "demo.json").stat().st_mtime_ns > before
   assert json.loads((workdir / "demo.json").read_text())["num_samples"] == 10
+
+  # Both of the demo's models, compiled for this host's devices (tests/test_compile.py compiles for TPUs).
+  _main(workdir, "--mode=compile")
+  for stage, programs in (("tokenizer", ["train_step"]), ("generator", ["train_step", "sample", "features"])):
+    report = json.loads((workdir / stage / "compile.json").read_text())
+    assert report["topology"] == "local" and [p["program"] for p in report["programs"]] == programs
+    assert all(p["fits"] and p["hbm_bytes"]["peak"] > 0 for p in report["programs"])

@@ -90,8 +90,8 @@ def test_setup_copies_this_checkout(capsys):
   assert "--worker=all" in shlex.split(ssh)
   words = remote(ssh)
   assert words[:10] == ["mkdir", "-p", "bigr_jax", "&&", "tar", "-xzf", "bigr_jax-src.tar.gz", "-C", "bigr_jax", "&&"]
-  assert ["uv", "pip", "install", "--python", ".venv/bin/python", "-e", ".", "jax[tpu]"] == \
-      words[words.index("pip") - 1:words.index("jax[tpu]") + 1]
+  assert ["uv", "pip", "install", "--python", ".venv/bin/python", "-e", ".[tpu]"] == \
+      words[words.index("pip") - 1:words.index(".[tpu]") + 1]
 
 
 def test_setup_git_clone_on_every_slice(capsys):

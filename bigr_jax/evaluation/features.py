@@ -82,22 +82,8 @@ class FeatureExtractor:
     params = nn.meta.unbox(params)
     self.model_config, params = bigr.truncate_params(model_config, params, max(self.layers))
     self.dim = self.model_config.dim
-    shardings = parallel.logical_shardings(bigr.param_shapes(self.model_config), mesh,
-                                           rules if rules is not None else parallel.DEFAULT_RULES)
+    self._pooled, shardings = pooled_program(self.model_config, self.layers, mesh, condition, rules)
     self.params = jax.device_put(params, shardings)
-    model, layer_list = bigr.BiGR(self.model_config), tuple(self.layers)
-    null_class, use_null = self.null_class, condition == "null"
-
-    def pooled(params, bits, labels):
-      if use_null:
-        labels = jnp.full_like(labels, null_class)
-      hidden = model.apply({"params": params}, bits.astype(jnp.float32), labels, layer_list,
-                           method=bigr.BiGR.features)
-      return jnp.stack([hidden[layer].mean(axis=1) for layer in layer_list], axis=1)
-
-    self._pooled = jax.jit(pooled, in_shardings=(shardings, parallel.batch_sharding(mesh, 3),
-                                                 parallel.batch_sharding(mesh, 1)),
-                           out_shardings=parallel.batch_sharding(mesh, 3))
 
   @property
   def batch_shards(self) -> int:
@@ -126,6 +112,26 @@ class FeatureExtractor:
     out = self(batch["bits"], batch["label"])
     gathered = multihost_utils.process_allgather((out, batch["label"], batch["valid"]), tiled=True)
     return tuple(np.asarray(x) for x in gathered)
+
+
+def pooled_program(model_config: GeneratorConfig, layers: Sequence[int], mesh, condition: str = "null",
+                   rules=None):
+  """(jitted pooled(params, bits, labels), the params' shardings) for a model already truncated to
+  max(layers) + 1 blocks; `FeatureExtractor` runs it, and `--mode=compile` lowers it from shapes."""
+  shardings = parallel.logical_shardings(bigr.param_shapes(model_config), mesh,
+                                         rules if rules is not None else parallel.DEFAULT_RULES)
+  model, layer_list = bigr.BiGR(model_config), tuple(layers)
+  null_class, use_null = model_config.null_class, condition == "null"
+
+  def pooled(params, bits, labels):
+    if use_null:
+      labels = jnp.full_like(labels, null_class)
+    hidden = model.apply({"params": params}, bits.astype(jnp.float32), labels, layer_list, method=bigr.BiGR.features)
+    return jnp.stack([hidden[layer].mean(axis=1) for layer in layer_list], axis=1)
+
+  program = jax.jit(pooled, in_shardings=(shardings, parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 1)),
+                    out_shardings=parallel.batch_sharding(mesh, 3))
+  return program, shardings
 
 
 def batches_from_source(source, batch_size: int, *, start: int = 0, process_index: Optional[int] = None,

@@ -1,6 +1,6 @@
 """The BiGR generator: bit projection, class and mask tokens, trunk, transcoder, masked loss, features."""
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -180,16 +180,29 @@ def truncate_params(config: GeneratorConfig, params, last_layer: int):
   return config.replace(n_layer=last_layer + 1), params
 
 
-def train_flops_per_image(config: GeneratorConfig) -> float:
-  """Analytic FLOPs of one training step per image (forward + backward = 3x forward matmul FLOPs)."""
+class ForwardFlops(NamedTuple):
+  """Analytic matmul FLOPs of one forward pass of one image (2 per multiply-add)."""
+  embed: float  # bits -> dim
+  block: float  # one trunk block (projections, attention, feed-forward)
+  condition: float  # per token: the transcoder's condition embedding (once per sampler iteration)
+  denoise_step: float  # per token: one denoising MLP pass (input, time, blocks, output)
+
+
+def forward_flops(config: GeneratorConfig) -> ForwardFlops:
   cfg = config
   length = cfg.seq_len + cfg.cls_token_num
   kv_dim = cfg.kv_heads * cfg.head_dim
   per_token_block = 2 * (cfg.dim * (cfg.dim + 2 * kv_dim) + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden_dim)
   attention = 2 * 2 * length * length * cfg.dim  # scores and weighted values
-  trunk = cfg.n_layer * (length * per_token_block + attention)
   w = cfg.denoise_hidden_dim
-  per_token_denoiser = 2 * (cfg.binary_size * w + cfg.dim * w + 256 * w + w * w
-                            + cfg.num_block_mlp * (2 * w * w + 3 * w * w) + 2 * w * w + w * cfg.binary_size)
-  embed = 2 * cfg.seq_len * cfg.binary_size * cfg.dim
-  return 3.0 * (trunk + embed + cfg.seq_len * per_token_denoiser)
+  denoise_step = 2 * (cfg.binary_size * w + 256 * w + w * w + cfg.num_block_mlp * (2 * w * w + 3 * w * w)
+                      + 2 * w * w + w * cfg.binary_size)
+  return ForwardFlops(embed=2 * cfg.seq_len * cfg.binary_size * cfg.dim,
+                      block=length * per_token_block + attention, condition=2 * cfg.dim * w,
+                      denoise_step=denoise_step)
+
+
+def train_flops_per_image(config: GeneratorConfig) -> float:
+  """Analytic FLOPs of one training step per image (forward + backward = 3x forward matmul FLOPs)."""
+  f = forward_flops(config)
+  return 3.0 * (f.embed + config.n_layer * f.block + config.seq_len * (f.condition + f.denoise_step))

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bigr_jax import typed_config
-from bigr_jax.models.bigr import BiGR
+from bigr_jax.models.bigr import BiGR, forward_flops
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.models.transcoder import bernoulli_posterior, reverse_coefficients
 from bigr_jax.sampling import schedules
@@ -183,6 +183,21 @@ def top_k_mask(scores, counts):
   order = jnp.argsort(-scores, axis=-1, stable=True)
   ranks = jnp.argsort(order, axis=-1)
   return ranks < counts[:, None]
+
+
+def flops_per_image(model_config: GeneratorConfig, config: SamplerConfig) -> float:
+  """Analytic matmul FLOPs of class-conditional generation, per image: each iteration runs the trunk and the
+  condition embedding on every token, then `infer_steps` denoising passes on the transcoded tokens (the
+  smallest padded size holding the still-masked ones); the null half (CFG) doubles all of it."""
+  f = forward_flops(model_config)
+  num_tokens = model_config.seq_len
+  counts = schedules.unmask_table(num_tokens, config.num_iter, config.mask_schedule)[num_tokens]
+  sizes = padded_sizes(num_tokens, config.transcode_sizes)
+  masked = num_tokens - np.concatenate([[0], np.cumsum(counts)[:-1]])
+  transcoded = sum(min(s for s in sizes if s >= m) for m in masked if m > 0)
+  per_half = (config.num_iter * (f.embed + model_config.n_layer * f.block + num_tokens * f.condition)
+              + config.infer_steps * transcoded * f.denoise_step)
+  return float(per_half * (2 if config.guidance else 1))
 
 
 def padded_sizes(num_tokens: int, sizes: int) -> tuple:
@@ -394,6 +409,22 @@ def complete(model_config: GeneratorConfig, params, labels, rng, bits, regenerat
     labels, bits, regenerate, label_weights = jax.device_put((labels, bits, regenerate, label_weights), sharding)
   static = _Static(_static_part(config), model_config, mesh, batch_axes)
   return _sample(params, labels, label_weights, rng, bits, regenerate, tables, static)
+
+
+def lower_generate(model_config: GeneratorConfig, abstract_params, batch: int, config: SamplerConfig, mesh: Mesh,
+                   batch_axes: Sequence[str] = ("data",)):
+  """`generate`'s program for `batch` labels, lowered from shapes alone (ShapeDtypeStructs: nothing is
+  allocated, the mesh may be a TPU topology's): for `--mode=compile`."""
+  batch_axes = tuple(batch_axes)
+  sharding, whole = _batch_sharding(mesh, batch_axes, batch), NamedSharding(mesh, PartitionSpec())
+  shape = (batch, model_config.seq_len)
+  tables = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=whole)
+            for k, v in config.tables(model_config.seq_len).items()}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
+  static = _Static(_static_part(config), model_config, mesh, batch_axes)
+  return _sample.lower(abstract_params, jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=sharding), None, key,
+                       jax.ShapeDtypeStruct(shape + (model_config.binary_size,), jnp.float32, sharding=sharding),
+                       jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding), tables, static)
 
 
 def generate(model_config: GeneratorConfig, params, labels, rng, config: SamplerConfig = SamplerConfig(), *,

@@ -1,0 +1,97 @@
+"""`--mode=compile`: the run's programs compiled for real TPU topologies by libtpu's compiler, on this CPU host."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bigr_jax import aot, chips, config_lib, parallel
+from bigr_jax.train import generator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATOR, TOKENIZER = "configs/bigr_l.py:runlocal", "configs/bae_d24.py:runlocal"
+
+
+def _needs_libtpu():
+  try:
+    import libtpu  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pytest.fail("libtpu is not installed, so no TPU topology can be compiled for: pip install -e '.[tpu]' (the "
+                "README's test command does)")
+
+
+def _compile(config: str, topology: str, workdir, *overrides):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "bigr_jax.main", f"--config={config}", f"--workdir={workdir}",
+                         "--mode=compile", f"--config.compile.topology={topology}", *overrides],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("config,topology,programs", [
+    (GENERATOR, "v5e:2x2", ["train_step", "sample", "features"]),
+    (TOKENIZER, "v5p:2x2x1", ["train_step"]),
+], ids=["generator-v5e", "tokenizer-v5p"])
+def test_every_program_compiles_for_a_tpu_topology_and_fits(tmp_path, config, topology, programs):
+  _needs_libtpu()
+  result = _compile(config, topology, tmp_path)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads((tmp_path / "compile.json").read_text())
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == report  # the JSON line
+  assert report["topology"] == topology and report["chips"] == 4
+  assert report["chip"] == topology.split(":")[0] and report["device_kind"].startswith("TPU v5")
+  assert [p["program"] for p in report["programs"]] == programs
+  for program in report["programs"]:
+    memory = program["hbm_bytes"]
+    assert program["fits"] and 0 < memory["peak"] <= program["hbm_capacity_bytes"]
+    assert memory["peak"] == memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
+    bounds = program["bounds"]
+    assert bounds["step_s"] == max(bounds["compute_s"], bounds["hbm_s"], bounds["interconnect_s"]) > 0
+    assert 0 < bounds["mfu_upper_bound"] <= 1
+  train = report["programs"][0]
+  assert train["collectives"], "a data-parallel step reduces its gradients over the chips"
+  if config == GENERATOR:  # composed over the blocks, the compiler's FLOPs meet the analytic count
+    assert 0.9 < train["flops_per_chip"]["compiled_over_analytic"] < 1.6, train["flops_per_chip"]
+  table = "\n".join(result.stdout.strip().splitlines()[:-1])
+  assert f"on {topology} (4 x {report['device_kind']})" in table and all(p in table for p in programs)
+
+
+def test_a_program_that_does_not_fit_exits_non_zero_with_the_numbers_and_what_would_fit(tmp_path):
+  _needs_libtpu()
+  result = _compile(GENERATOR, "v5e:2x2", tmp_path, "--config.batch_size=524288", "--config.model.n_layer=1")
+  assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith("error: train_step does not fit 4 x TPU v5 lite; to fit: --config.model.remat_policy=full")
+  assert "--config.batch_size=262144 --config.optim.grad_accum_steps=2" in last and "--config.mesh.fsdp=4" in last
+  report = json.loads((tmp_path / "compile.json").read_text())
+  train = report["programs"][0]
+  assert not train["fits"] and "RESOURCE_EXHAUSTED" in train["compiler_error"] and "exceeds available HBM" in \
+      train["compiler_error"]
+  assert all(p["fits"] for p in report["programs"][1:])  # the sampler and the features still fit
+
+
+def test_argument_bytes_are_the_sharded_state_and_batch():
+  """On this host's 8 devices (no tile padding): the train step's arguments per device are exactly the
+  state (params, EMA, optimizer moments) as its shardings split it, plus the batch shard and the key."""
+  config = config_lib.load_config_file(os.path.join(ROOT, GENERATOR))
+  config.mesh.update(data=2, fsdp=4, tensor=1)
+  devices = chips.target_devices(chips.CompileConfig())
+  mesh = parallel.make_mesh(config.mesh, devices)
+  train = dataclasses.replace(aot.generator_programs(config, mesh)[0], per_block=None)  # its memory alone
+  result = aot.analyse(train, devices)
+  trainer = generator.GeneratorTrainer(config, mesh, total_steps=1000)
+
+  def per_device(leaf):
+    return math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+
+  state = sum(per_device(leaf) for leaf in jax.tree_util.tree_leaves(trainer.abstract_state))
+  whole = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(trainer.abstract_state))
+  batch = sum(per_device(leaf) for leaf in jax.tree_util.tree_leaves(trainer.abstract_batch(config.batch_size)))
+  key = np.dtype(np.uint32).itemsize * 2
+  assert state < whole / 2  # fsdp=4 splits most of it
+  assert result["hbm_bytes"]["arguments"] == state + batch + key
