@@ -16,6 +16,7 @@ from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from bigr_jax import aot, demo, evaluation, files, parallel
+from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import checkpoints, generator, metrics, tokenizer
 
@@ -93,6 +94,14 @@ def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
   return entries[family]
 
 
+def check_models(config) -> None:
+  """Builds the config's model sections before any work, so that a nonsense shape field (dim, heads, layers,
+  bits, grid) is a message naming it rather than an error deep inside a model."""
+  stages = [config.tokenizer, config.generator] if config.get("family", None) == "demo" else [config]
+  for stage in stages:
+    (TokenizerConfig if stage.family == "tokenizer" else GeneratorConfig).from_config(stage.model)
+
+
 def run(config, workdir: str, mode: str, overwrite: bool = False):
   entry = entry_point(config, mode, overwrite)
   parallel.maybe_initialize_distributed()
@@ -107,6 +116,7 @@ def main(argv):
   mode = FLAGS.mode or config.mode
   try:
     entry_point(config, mode, FLAGS.overwrite)
+    check_models(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:

@@ -79,8 +79,28 @@ def test_unknown_keys_are_errors_that_name_them():
     run_sample.sample_settings({"resample_known": True})
   with pytest.raises(ValueError, match=r"unknown config.edit.sampler field\(s\) \['numiter'\]"):
     run_sample.EditConfig(sampler={"numiter": 3})
-  with pytest.raises(ValueError, match="generator dim=0 must be a positive integer"):
-    GeneratorConfig.from_config(parse("--config.model.dim=0").model)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.dim=0", "generator dim=0 must be a positive integer"),
+    ("--config.model.dim=-16", "generator dim=-16 must be a positive integer"),
+    ("--config.model.n_head=0", "generator n_head=0 must be a positive integer"),
+    ("--config.model.n_head=3", "dim=64 is not divisible by n_head=3"),
+    ("--config.model.n_layer=0", "generator n_layer=0 must be a positive integer"),
+    ("--config.model.binary_size=0", "generator binary_size=0 must be a positive integer"),
+    ("--config.model.block_size=15", "block_size=15 is not a square number of tokens"),
+])
+def test_nonsense_shape_fields_are_named_before_any_work(flag, message):
+  with pytest.raises(ValueError, match=message):
+    main.check_models(parse(flag))
+
+
+def test_a_nonsense_shape_field_is_one_usage_error_from_the_command_line():
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bigr_l.py:runlocal",
+                           "--workdir=/nonexistent/workdir", "--config.model.dim=-16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and "generator dim=-16 must be a positive integer" in result.stderr
+  assert "Traceback" not in result.stderr and not os.path.exists("/nonexistent/workdir")
 
 
 # Each sampler field, a value other than the runlocal default, as typed on the command line.
