@@ -58,6 +58,17 @@ def test_shipped_configs_declare_a_family_and_build_every_section(name):
     assert len(_sections(stage)) >= 5
 
 
+def test_the_tpu_variant_is_the_setting_that_compiles_to_fit():
+  shipped, v5e = parse(config="configs/bigr_xxl.py"), parse(config="configs/bigr_xxl.py:tpu=v5e")
+  assert (shipped.model.remat_policy, shipped.mesh.fsdp) == ("dots", 1)
+  assert (v5e.model.remat_policy, v5e.mesh.data, v5e.mesh.fsdp) == ("full", 1, -1)
+  assert parallel.make_mesh(v5e.mesh).shape["fsdp"] == jax.device_count()
+  assert parse(config="configs/bigr_l.py:tpu=v5e").model.remat_policy == "full"
+  assert parse(config="configs/bigr_l.py").model.remat_policy == "none"
+  with pytest.raises(flags.IllegalFlagValueError, match="tpu=.v4.: the variants are tpu=v5e"):
+    parse(config="configs/bigr_xxl.py:tpu=v4")
+
+
 def test_unknown_keys_are_errors_that_name_them():
   with pytest.raises(AttributeError, match='Did you mean "num_iter" instead of "num_itr"'):  # a command-line typo
     parse("--config.sample.num_itr=3")

@@ -75,7 +75,8 @@ def first_cause(error: BaseException) -> str:
 def quiet_failed_reads() -> None:
   """When a restore fails, orbax's other pending reads fail too, as they finish: each reports `RuntimeError:
   Event loop is closed` through sys.unraisablehook, or asyncio logs its never-retrieved task. Hundreds of
-  tracebacks that bury the real cause. This drops exactly those two kinds of report and passes every other on."""
+  tracebacks that bury the real cause. This drops those two kinds of report (orbax is the process's only user
+  of asyncio) and passes every other one on."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_event_loops", False):
     return

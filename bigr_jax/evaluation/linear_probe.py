@@ -226,6 +226,10 @@ def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_featu
       x = jax.device_put(train_features[index], matrix)
       y = jax.device_put(train_labels[index], rows)
       state, loss = compiled.step(state, x, y)
+      # One step in flight at a time: with steps queued back to back, XLA's CPU client can deadlock on fake
+      # multi-device meshes (some devices enter a step's all-reduce while the rest wait on its execution
+      # semaphore), which XLA ends by aborting the process. The probe's steps are small; waiting costs little.
+      jax.block_until_ready(loss)
     if log_every_epochs and (epoch + 1) % log_every_epochs == 0:
       logging.info("probe: epoch %d/%d loss %.4f", epoch + 1, config.epochs, float(loss))
   result = topk_accuracy(predict_logits(compiled, state, eval_features, eval_batch), eval_labels)
