@@ -67,8 +67,7 @@ def _group_size(attributes: str, num_devices: int) -> int:
   mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", attributes)
   if mesh:
     sizes = dict((name, int(size)) for name, size in re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
-    chosen = re.search(r"\}\s*\{([^}]*)\}", attributes[mesh.end():]) or re.search(r"\{('[^}]*)\}",
-                                                                                 attributes[mesh.end():])
+    chosen = re.search(r"\{('[^}]*)\}", attributes[mesh.end():])  # the group's axes: {'axis_0'}
     axes = re.findall(r"'(\w+)'", chosen.group(1)) if chosen else list(sizes)
     return math.prod(sizes.get(a, 1) for a in axes) or 1
   groups = re.search(r"replica_groups=\{\{([\d,]*)\}", attributes)

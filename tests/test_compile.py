@@ -95,3 +95,22 @@ def test_argument_bytes_are_the_sharded_state_and_batch():
   key = np.dtype(np.uint32).itemsize * 2
   assert state < whole / 2  # fsdp=4 splits most of it
   assert result["hbm_bytes"]["arguments"] == state + batch + key
+
+
+def test_collectives_are_read_from_the_compiled_hlo_with_the_bytes_each_chip_sends():
+  hlo = "\n".join([
+      # TPU form: the group is the mesh axes named after device_ids (axis_0, of size 2).
+      "%all-gather.1 = bf16[1,64,256]{2,1,0:T(8,128)(2,1)} all-gather(%p), channel_id=1, "
+      "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_0'}, dimensions={1}",
+      "%all-reduce.2 = (f32[64]{0}, f32[64]{0}) all-reduce(%a, %b), channel_id=2, "
+      "replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_0','axis_1'}, to_apply=%add",
+      # List form, and an async start whose tuple holds (operand, result).
+      "%reduce-scatter.3 = f32[8]{0} reduce-scatter(%g), replica_groups={{0,1,2,3}}, dimensions={0}",
+      "%all-gather-start.4 = (f32[8]{0}, f32[32]{0}) all-gather-start(%h), replica_groups={{0,1,2,3}}",
+      "%add.5 = f32[8]{0} add(%x, %y)",
+  ])
+  found = aot.collectives(hlo, num_devices=4)
+  assert found["all-gather"] == {"count": 2, "bytes": 1 * 64 * 256 * 2 / 2 + 32 * 4 * 3 / 4}
+  assert found["all-reduce"] == {"count": 1, "bytes": 2 * (2 * 64 * 4) * 3 / 4}
+  assert found["reduce-scatter"] == {"count": 1, "bytes": 8 * 4 * 3}
+  assert "add" not in found
