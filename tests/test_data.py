@@ -200,9 +200,12 @@ def test_image_folder_truncated_jpeg_is_bad(tmp_path):
     data.decode_image(buf.getvalue()[:len(buf.getvalue()) // 2], "x.jpg")
 
 
-def test_image_folder_skip_mode_is_deterministic_and_counted(image_folder):
+def test_image_folder_skip_mode_is_deterministic_and_counted(image_folder, caplog):
   source = data.ImageFolderSource(str(image_folder / "train"), on_bad_image="skip", min_image_size=8)
-  record = source[2]  # corrupt -> the next record (a_rgba.png)
+  with caplog.at_level("WARNING"):
+    record = source[2]  # corrupt -> the next record (a_rgba.png)
+  assert "Skipping bad image" in caplog.text and "c_corrupt.jpg" in caplog.text
+  assert "set on_bad_image" not in caplog.text  # skip is on already: no advice to turn it on
   assert int(record["skipped"]) == 1 and int(record["label"]) == 1
   np.testing.assert_array_equal(record["image"], source[3]["image"])
   record = source[6]  # too small -> e_nested.png

@@ -143,7 +143,7 @@ class DecodedImageSource:
         image, label = self._load((index + offset) % n)
       except BadImageError as e:
         self.skipped_count += 1
-        logging.warning("Skipping %s (on_bad_image='skip').", e)
+        logging.warning("Skipping bad image %s: %s (on_bad_image='skip').", e.name, e.reason)
         continue
       return {"image": image, "label": np.int32(label), "skipped": np.int32(offset)}
     raise RuntimeError(
