@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import jax
 from jax.experimental import topologies
 
-from bigr_jax import typed_config
+from bigr_jax import files, typed_config
 
 
 class Chip(NamedTuple):
@@ -101,7 +101,6 @@ def target_devices(compile_config: CompileConfig) -> list:
                                             num_slices=compile_config.num_slices, **megacore)
   except Exception as e:  # pylint: disable=broad-except  (libtpu missing, or a name it does not know)
     raise ValueError(f"compile.topology={compile_config.topology!r} (num_slices={compile_config.num_slices}) "
-                     f"cannot be made: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                     ". It needs libtpu (pip install 'bigr_jax[tpu]') and a name such as v5e:2x2 or "
-                     "v5p:2x2x1") from e
+                     f"cannot be made: {files.first_cause(e)}. It needs libtpu (pip install 'bigr_jax[tpu]') and a "
+                     "name such as v5e:2x2 or v5p:2x2x1") from e
   return list(topology.devices)

@@ -1,5 +1,5 @@
 """Atomic file writes: a reader (or a rerun after a crash) sees the old file or the new one, never half of one.
-And the error for an input file that cannot be used."""
+And the error for an input file that cannot be used, with the one line of a failure's cause that messages quote."""
 
 import contextlib
 import json
@@ -51,3 +51,13 @@ def read_json(path) -> Any:
 class UnusableFile(ValueError):
   """An input file (weights, a checkpoint) that is truncated, damaged or of the wrong kind. Its message names the
   file and the cause; the command line prints it as one line."""
+
+
+def first_cause(error: BaseException) -> str:
+  """The innermost cause's first line: orbax wraps the real error (e.g. `No space left on device`), and
+  tensorstore appends its whole JSON spec, which names nothing the cause does not."""
+  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  line = text[0].split(" [tensorstore_spec")[0] if text else ""
+  return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -36,8 +36,7 @@ def read_state_dict(path, key: Optional[str] = None) -> dict:
   except (ValueError, KeyError, ImportError):  # ours: they name the file and what is wrong
     raise
   except Exception as e:  # pylint: disable=broad-except  (each reader fails its own way on a damaged file)
-    raise files.UnusableFile(f"{path} cannot be read as {suffix} weights ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); the file is "
+    raise files.UnusableFile(f"{path} cannot be read as {suffix} weights ({files.first_cause(e)}); the file is "
                              "truncated or damaged: download or export it again") from e
 
 

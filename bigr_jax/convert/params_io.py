@@ -35,12 +35,20 @@ def load_params(directory, abstract_params: Optional[Any] = None) -> Any:
                        f"{e}") from e
 
 
+def finished_steps(directory) -> list:
+  """Steps whose checkpoint under `directory` was written to the end (orbax writes into
+  `<step>.orbax-checkpoint-tmp-*` and renames it when done)."""
+  directory = pathlib.Path(directory)
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def train_state(workdir, step: Optional[int] = None) -> dict:
   """Every field of a training workdir's latest (or given) finished checkpoint, as numpy trees. It is
   restored onto one local device, so a workdir written on any mesh or topology (a pod) loads here."""
   root = pathlib.Path(workdir).absolute() / "checkpoints"
-  # Finished checkpoints only: orbax writes into "<step>.orbax-checkpoint-tmp-*" and renames when done.
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()) if root.exists() else []
+  steps = finished_steps(root)
   if not steps:
     raise FileNotFoundError(f"no training checkpoints under {root}")
   path = root / str(steps[-1] if step is None else step) / "state"
@@ -52,7 +60,7 @@ def train_state(workdir, step: Optional[int] = None) -> dict:
     with ocp.StandardCheckpointer() as checkpointer:
       state = checkpointer.restore(path, target)
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; the cause is named)
-    raise files.UnusableFile(f"checkpoint {path.parent} cannot be read: {first_cause(e)}. Resuming the training "
+    raise files.UnusableFile(f"checkpoint {path.parent} cannot be read: {files.first_cause(e)}. Resuming the training "
                              "run sets it aside and falls back to the step before") from e
   return jax.tree_util.tree_map(np.asarray, state)
 
@@ -60,16 +68,6 @@ def train_state(workdir, step: Optional[int] = None) -> dict:
 def train_state_params(workdir, use_ema: bool = True, step: Optional[int] = None) -> Any:
   """Params (EMA by default) of a training workdir's latest (or given) checkpoint, as numpy trees."""
   return train_state(workdir, step)["ema_params" if use_ema else "params"]
-
-
-def first_cause(error: BaseException) -> str:
-  """The innermost cause's first line: orbax wraps the real error (e.g. `No space left on device`), and
-  tensorstore appends its whole JSON spec, which names nothing the cause does not."""
-  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
-    error = error.__cause__ or error.__context__
-  text = str(error).strip().splitlines()
-  line = text[0].split(" [tensorstore_spec")[0] if text else ""
-  return f"{type(error).__name__}: {line}"
 
 
 def quiet_failed_reads() -> None:

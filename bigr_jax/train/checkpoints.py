@@ -27,10 +27,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def finished_steps(self) -> list:
-    """Steps whose checkpoint was written to the end (orbax renames `<step>.orbax-checkpoint-tmp*` when done)."""
-    if not self.directory.exists():
-      return []
-    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+    return params_io.finished_steps(self.directory)
 
   def last_good_step(self) -> Optional[int]:
     steps = self.finished_steps()
@@ -38,7 +35,7 @@ class Checkpointer:
 
   def _failed(self, error: BaseException) -> "SaveFailed":
     # Orbax reports a failed asynchronous save at the next call; its message names the unfinished checkpoint.
-    return SaveFailed(f"checkpoint save failed in {self.directory}: {params_io.first_cause(error)}. The last good "
+    return SaveFailed(f"checkpoint save failed in {self.directory}: {files.first_cause(error)}. The last good "
                       f"checkpoint is step {self.last_good_step()}; free space (or fix the cause) "
                       "and rerun to resume")
 
@@ -79,7 +76,7 @@ class Checkpointer:
       return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; the cause is named)
       raise files.UnusableFile(f"checkpoint {self.directory / str(step)} cannot be restored: {where}: "
-                       f"{params_io.first_cause(e)}") from e
+                               f"{files.first_cause(e)}") from e
 
   def set_aside(self, step: int, why: str) -> pathlib.Path:
     """Renames a checkpoint out of the way (nothing is deleted), so that the run can save that step again."""
