@@ -1,5 +1,6 @@
 """Device mesh, logical-axis sharding rules, and host-local to global batches."""
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Sequence, Tuple
@@ -163,6 +164,14 @@ class MeshJit:
   def lower(self, *args):
     with jax.set_mesh(self.mesh):
       return self._jitted.lower(*args)
+
+
+@contextlib.contextmanager
+def tracing_on(mesh: Mesh, rules):
+  """Inside a traced function: the model sees `mesh` and the logical `rules` (its activation constraints, and
+  splash attention's per-shard split), as it does under `MeshJit` and the trainers' rules."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def from_same_on_every_host(array: np.ndarray, mesh: Mesh) -> jax.Array:

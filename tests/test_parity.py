@@ -32,7 +32,8 @@ def _close(got, want, name):
   return err
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unrolled"])
+@pytest.fixture(scope="module", params=[(True, "xla"), (False, "xla"), (True, "splash")],
+                ids=["scanned", "unrolled", "scanned-splash"])
 def loaded(request, parity_dir):
   sets = _generator_sets(parity_dir)
   if not sets:
@@ -41,7 +42,8 @@ def loaded(request, parity_dir):
   for io_path, sd_path in sets:
     io = dict(np.load(io_path))
     state_dict = dict(np.load(sd_path))
-    cfg = config_lib.from_model_args(str(io["config"]), scan_layers=request.param)
+    scan_layers, attention = request.param
+    cfg = config_lib.from_model_args(str(io["config"]), scan_layers=scan_layers, attention=attention)
     out.append((io, state_dict, cfg, generator_weights.torch_to_flax(state_dict, cfg)))
   return out
 

@@ -118,15 +118,17 @@ def pooled_program(model_config: GeneratorConfig, layers: Sequence[int], mesh, c
                    rules=None):
   """(jitted pooled(params, bits, labels), the params' shardings) for a model already truncated to
   max(layers) + 1 blocks; `FeatureExtractor` runs it, and `--mode=compile` lowers it from shapes."""
-  shardings = parallel.logical_shardings(bigr.param_shapes(model_config), mesh,
-                                         rules if rules is not None else parallel.DEFAULT_RULES)
+  rules = rules if rules is not None else parallel.DEFAULT_RULES
+  shardings = parallel.logical_shardings(bigr.param_shapes(model_config), mesh, rules)
   model, layer_list = bigr.BiGR(model_config), tuple(layers)
   null_class, use_null = model_config.null_class, condition == "null"
 
   def pooled(params, bits, labels):
     if use_null:
       labels = jnp.full_like(labels, null_class)
-    hidden = model.apply({"params": params}, bits.astype(jnp.float32), labels, layer_list, method=bigr.BiGR.features)
+    with parallel.tracing_on(mesh, rules):
+      hidden = model.apply({"params": params}, bits.astype(jnp.float32), labels, layer_list,
+                           method=bigr.BiGR.features)
     return jnp.stack([hidden[layer].mean(axis=1) for layer in layer_list], axis=1)
 
   program = jax.jit(pooled, in_shardings=(shardings, parallel.batch_sharding(mesh, 3), parallel.batch_sharding(mesh, 1)),

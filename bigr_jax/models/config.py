@@ -8,6 +8,8 @@ import jax.numpy as jnp
 
 from bigr_jax import typed_config
 
+ATTENTION_KINDS = ("xla", "splash", "cudnn")  # bigr_jax.models.attention
+
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
@@ -48,6 +50,7 @@ class GeneratorConfig:
   dtype: str = "float32"  # compute dtype; params stay float32
   scan_layers: bool = True  # nn.scan over blocks (stacked params) or an unrolled loop
   remat_policy: str = "none"  # none | full | dots | dots_saveable
+  attention: str = "xla"  # xla | splash (Pallas, TPU) | cudnn (GPU, bf16/fp16): bigr_jax.models.attention
 
   def __post_init__(self):
     for name in ("dim", "n_layer", "n_head", "binary_size", "num_classes", "block_size", "denoise_hidden_dim",
@@ -69,6 +72,10 @@ class GeneratorConfig:
       raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for the 2D rotary embedding")
     if self.remat_policy not in ("none", "full", "dots", "dots_saveable"):
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f"unknown attention {self.attention!r}: xla, splash or cudnn")
+    if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN's flash attention), not {self.dtype!r}")
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
   @classmethod

@@ -7,6 +7,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
+from bigr_jax.models import attention as attention_lib
 from bigr_jax.models.config import GeneratorConfig
 
 dense_init = nn.initializers.normal(stddev=0.02)
@@ -122,9 +123,7 @@ class Attention(nn.Module):
       k = jnp.repeat(k, cfg.n_head // cfg.kv_heads, axis=2)
       v = jnp.repeat(v, cfg.n_head // cfg.kv_heads, axis=2)
     # Bidirectional: every token attends to every token (the original passes an all-True mask).
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(scores / np.sqrt(cfg.head_dim), axis=-1).astype(dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = attention_lib.ATTENTION[cfg.attention](q, k, v)
     out = einops.rearrange(out, "b l h d -> b l (h d)")
     out = dense(cfg.dim, ("heads", "embed"), "wo", dtype)(out)
     return nn.Dropout(cfg.resid_dropout_p, deterministic=self.deterministic)(out)

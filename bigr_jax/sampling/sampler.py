@@ -16,6 +16,7 @@ Work the original does that is not needed (the distribution of the result is unc
 The model comes in as callbacks (`ModelFns`), as in maskgit's `parallel_decode`.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigr_jax import typed_config
+from bigr_jax import parallel, typed_config
 from bigr_jax.models.bigr import BiGR, forward_flops
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.models.transcoder import bernoulli_posterior, reverse_coefficients
@@ -336,11 +337,15 @@ class _Static(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("static",))
 def _sample(params, labels, label_weights, rng, bits, masked, tables, static: _Static) -> SampleOutput:
   constrain = lambda x: x
+  mesh_context = contextlib.nullcontext()
   if static.mesh is not None:
     sharding = NamedSharding(static.mesh, PartitionSpec(static.batch_axes))
     constrain = lambda x: jax.lax.with_sharding_constraint(x, sharding)
-  fns = model_fns(static.model, params, labels, label_weights, static.sampler.guidance)
-  state = decode(fns, static.sampler, tables, rng, bits, masked, constrain=constrain)
+    # The model sees the mesh and where the batch lies (splash attention runs per shard by them).
+    mesh_context = parallel.tracing_on(static.mesh, (("batch", static.batch_axes),))
+  with mesh_context:
+    fns = model_fns(static.model, params, labels, label_weights, static.sampler.guidance)
+    state = decode(fns, static.sampler, tables, rng, bits, masked, constrain=constrain)
   return SampleOutput(bits=state.bits, decoded_at=state.decoded_at)
 
 
