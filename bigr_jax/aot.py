@@ -13,7 +13,9 @@ program and per chip the report gives:
   scanned trunk (train step, features) the compiled figure is composed by trip count: the program is compiled
   unrolled at 1 and 2 blocks, and the per-block difference scales to the model's blocks (its bytes and
   collectives likewise).
-  The sampler's loops are not composed: its compiled figures are marked `loop_bodies_once`.
+  The sampler's loops are not composed: its compiled figures are marked `loop_bodies_once`. The compiler
+  counts no FLOPs inside Pallas kernels (splash attention: `pallas_kernels` counts their calls), so the
+  compute bounds use the analytic count.
 - collectives: per kind, how many and the bytes each chip sends (ring algorithms: an all-gather sends (g-1)/g
   of its result, a reduce-scatter g-1 times its result, an all-reduce twice (g-1)/g, g the group size);
 - time bounds: compute (FLOPs / peak), HBM traffic (bytes accessed / HBM bandwidth) and interconnect
@@ -50,6 +52,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\((.*)$")
 _SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "bf16": 2}
+PALLAS_TPU_CALL = "tpu_custom_call"  # a Pallas (Mosaic) kernel in TPU HLO; the compiler counts no FLOPs inside
 
 
 class DoesNotFit(RuntimeError):
@@ -164,6 +167,7 @@ def analyse(program: Program, devices: list) -> dict:
                 compiler_error=str(e).strip().splitlines()[0][:500], compile_s=round(time.perf_counter() - start, 1))
   compile_s = time.perf_counter() - start
   memory = _memory(compiled)
+  kernels = compiled.as_text().count(f'custom_call_target="{PALLAS_TPU_CALL}"')
   figures = Figures.of(compiled, len(devices))
   if program.per_block is not None:
     one, two, blocks = program.per_block
@@ -178,7 +182,7 @@ def analyse(program: Program, devices: list) -> dict:
                       "compiled_over_analytic": (round(figures.flops / program.analytic_flops, 4)
                                                  if program.analytic_flops else None),
                       "loop_bodies_once": program.loop_bodies_once},
-      bytes_accessed_per_chip=figures.bytes_accessed,
+      bytes_accessed_per_chip=figures.bytes_accessed, pallas_kernels=kernels,
       collectives={k: {"count": int(round(v["count"])), "bytes": v["bytes"]} for k, v in sorted(figures.collectives.items())},
       bounds=_bounds(figures, flops, chip))
 

@@ -33,13 +33,15 @@ def _compile(config: str, topology: str, workdir, *overrides):
                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.parametrize("config,topology,programs", [
-    (GENERATOR, "v5e:2x2", ["train_step", "sample", "features"]),
-    (TOKENIZER, "v5p:2x2x1", ["train_step"]),
-], ids=["generator-v5e", "tokenizer-v5p"])
-def test_every_program_compiles_for_a_tpu_topology_and_fits(tmp_path, config, topology, programs):
+@pytest.mark.parametrize("config,topology,programs,attention", [
+    (GENERATOR, "v5e:2x2", ["train_step", "sample", "features"], "xla"),
+    (GENERATOR, "v5p:2x2x1", ["train_step", "sample", "features"], "splash"),
+    (TOKENIZER, "v5p:2x2x1", ["train_step"], None),
+    (TOKENIZER, "v5e:2x2", ["train_step"], None),
+], ids=["generator-v5e", "generator-splash-v5p", "tokenizer-v5p", "tokenizer-v5e"])
+def test_every_program_compiles_for_a_tpu_topology_and_fits(tmp_path, config, topology, programs, attention):
   _needs_libtpu()
-  result = _compile(config, topology, tmp_path)
+  result = _compile(config, topology, tmp_path, *([f"--config.model.attention={attention}"] if attention else []))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads((tmp_path / "compile.json").read_text())
   assert json.loads(result.stdout.strip().splitlines()[-1]) == report  # the JSON line
@@ -55,6 +57,10 @@ def test_every_program_compiles_for_a_tpu_topology_and_fits(tmp_path, config, to
     assert 0 < bounds["mfu_upper_bound"] <= 1
   train = report["programs"][0]
   assert train["collectives"], "a data-parallel step reduces its gradients over the chips"
+  # Splash attention is the Pallas kernel on TPU, once in the scanned block: forward, in training dq and dkv too.
+  kernels = {p["program"]: p["pallas_kernels"] for p in report["programs"]}
+  assert kernels == ({"train_step": 3, "sample": 1, "features": 1} if attention == "splash" else
+                     dict.fromkeys(programs, 0)), kernels
   if config == GENERATOR:  # composed over the blocks, the compiler's FLOPs meet the analytic count
     assert 0.9 < train["flops_per_chip"]["compiled_over_analytic"] < 1.6, train["flops_per_chip"]
   table = "\n".join(result.stdout.strip().splitlines()[:-1])
