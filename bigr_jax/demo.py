@@ -2,9 +2,10 @@
 workdir.
 
 `--mode=demo` (or train) runs the stages: a B-AE in workdir/tokenizer, the codes of the training and held-out
-digits, a generator in workdir/generator, then the verdict (`evaluate`): samples of every class scored by a
-classifier trained on real digits. Afterwards `--mode=sample|edit|features|evaluate` run on the same workdir
-with the demo's generator and tokenizer (`generator_stage`), and `--mode=encode` with its tokenizer.
+digits, a generator in workdir/generator, then the verdict (`evaluate`): samples of every class scored in the
+features of a classifier trained on real digits, beside the floor of real held-out digits. Afterwards
+`--mode=sample|edit|features|evaluate|sweep` run on the same workdir with the demo's generator and tokenizer
+(`generator_stage`), and `--mode=encode` with its tokenizer.
 """
 
 import pathlib
@@ -12,10 +13,10 @@ import time
 
 import numpy as np
 from PIL import Image
-from sklearn.linear_model import LogisticRegression
 
 from bigr_jax import aot, data, files, images as images_lib
-from bigr_jax.sampling import run_sample
+from bigr_jax.evaluation import quality
+from bigr_jax.sampling import run_sample, sweep as sweep_lib
 from bigr_jax.train import generator, tokenizer
 
 SPLITS = ("train", "test")  # codes of both: the generator trains on train, the probe evaluates on test
@@ -54,36 +55,49 @@ def compile_programs(config, workdir) -> dict:
           "generator": aot.run(gen, gen_workdir, "generator")}
 
 
-def digit_classifier(image_size: int):
-  """Logistic regression on real digit images (grayscale), and its accuracy on the held-out digits."""
-  def arrays(split):
-    source = data.DigitsSource(split=split, image_size=image_size)
+def quality_report(image_size: int) -> quality.QualityReport:
+  """Scores against the real training digits, with the held-out digits for the floor (`evaluation.quality`)."""
+  def split(name):
+    source = data.DigitsSource(split=name, image_size=image_size)
     records = [source[i] for i in range(len(source))]
-    x = np.stack([r["image"].mean(-1).reshape(-1) / 255.0 for r in records])
-    return x, np.asarray([r["label"] for r in records])
+    return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
 
-  classifier = LogisticRegression(max_iter=2000).fit(*arrays("train"))
-  return classifier, float(classifier.score(*arrays("test")))
+  return quality.QualityReport.from_splits(*split("train"), *split("test"))
 
 
 def evaluate(config, workdir) -> dict:
-  """`--mode=evaluate` on the demo: samples of every class (`generator.sample`), scored by a classifier
-  trained on real digits; writes samples.png, samples.npz and the scores into demo.json."""
+  """`--mode=evaluate` on the demo: samples of every class (`generator.sample`), scored in the feature space of
+  a classifier trained on real digits (FD, precision, recall, diversity, class accuracy), beside the floor of real
+  held-out digits; writes samples.png, samples.npz and the scores into demo.json."""
   drawn = run_sample.draw_samples(*generator_stage(config, workdir))
   images, labels, models = drawn.images, drawn.labels, drawn.models
   workdir = pathlib.Path(workdir)
-  classifier, real_accuracy = digit_classifier(models.tokenizer_config.img_size)
-  predicted = classifier.predict(images.mean(-1).reshape(len(images), -1))
+  report = quality_report(models.tokenizer_config.img_size)
+  samples, floor = report.samples(images, labels), report.floor(labels)
   images_lib.save_grid(images, workdir / "samples.png", nrow=drawn.run.per_class or 10)
   np.savez(workdir / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels)
-  scores = {"sample_class_accuracy": float(np.mean(predicted == labels)), "real_digit_accuracy": real_accuracy,
+  scores = {"sample_class_accuracy": samples["class_accuracy"], "real_digit_accuracy": floor["class_accuracy"],
             "chance": 1.0 / models.generator_config.num_classes, "num_samples": len(labels),
-            "sampling_s": drawn.seconds}
+            "quality": {"samples": samples, "floor": floor}, "sampling_s": drawn.seconds}
   _update_summary(workdir, scores)
-  print(f"samples: {workdir / 'samples.png'}; a classifier trained on real digits recognises "
-        f"{100 * scores['sample_class_accuracy']:.0f}% of them (chance 10%, real held-out digits "
-        f"{100 * real_accuracy:.0f}%)", flush=True)
+  print(f"samples: {workdir / 'samples.png'}; against real training digits, in a digit classifier's features: "
+        f"{quality.summary_line(samples, floor)}; real: held-out digits, as many per class", flush=True)
   return scores
+
+
+PAPER_SETTING = {"num_iter": 20, "cfg_scale": 2.5, "gumbel_temp": 0.17, "infer_steps": 100}  # BiGR-L's, in the paper
+
+
+def sweep(config, workdir) -> dict:
+  """`--mode=sweep` on the demo: the generator's sampler over `generator.sweep.grid`, each setting scored as
+  `evaluate` scores samples (the floor beside) and timed on this machine; writes generator/sweep/."""
+  gen, gen_workdir = generator_stage(config, workdir)
+  report = quality_report(config.tokenizer.model.img_size)
+  labels = np.repeat(np.arange(gen.model.num_classes), gen.sweep.per_class)
+  highlight = {k: PAPER_SETTING[k] for k in gen.sweep.grid} if set(gen.sweep.grid) <= set(PAPER_SETTING) else None
+  return sweep_lib.run_sweep(gen, gen_workdir, report.samples, floor=report.floor(labels), highlight=highlight,
+                             title=f"demo sampler sweep: {len(labels)} samples per setting, scored against real "
+                                   "digits in a digit classifier's features")
 
 
 def _update_summary(workdir: pathlib.Path, values: dict) -> dict:
@@ -128,7 +142,7 @@ def run(config, workdir) -> dict:
   generator.train_and_evaluate(gen, str(gen_workdir))
   lap("generator")
 
-  print("== 4/4 samples: every class, scored by a classifier trained on real digits", flush=True)
+  print("== 4/4 samples: every class, scored against real digits", flush=True)
   _edit_inputs(workdir, config.tokenizer.model.img_size)
   scores = evaluate(config, workdir)
   lap("samples")

@@ -64,6 +64,8 @@ MODES = {
     "evaluate": Mode("score samples: FID / IS / precision-recall with the Inception (ImageNet); the digit "
                      "classifier's verdict for the demo (redrawn and rewritten each time)",
                      {"generator": _evaluate, "demo": demo.evaluate}, overwrites=("generator",)),
+    "sweep": Mode("the sampler's speed / quality frontier over config.sweep.grid: table, plot, best setting "
+                  "within a speed budget", {"demo": demo.sweep}),
     "demo": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict",
                  {"demo": demo.run}),
     "compile": Mode("compile every program of the run for config.compile's chips (a TPU topology, from any host): "

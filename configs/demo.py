@@ -50,6 +50,10 @@ def get_config(arg=None):
   # The demo's own B-AE decodes; its checkpoint is the workdir's tokenizer/ unless set.
   gen.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", config="", model=tok.model))
   gen.sample.update(per_class=10, batch_size=0, num_iter=8, cfg_scale=2.0, gumbel_temp=0.0, infer_steps=100)
+  # --mode=sweep: every combination, 10 samples of each class per setting (bigr_jax/sampling/sweep.py).
+  gen.sweep = ml_collections.ConfigDict(dict(
+      grid=dict(num_iter=(4, 8, 20), cfg_scale=(1.0, 2.5, 4.0), gumbel_temp=(0.0, 0.17, 1.0), infer_steps=(20, 100)),
+      per_class=10, min_images_per_s=50.0))
   gen.evaluation.update(splits=("train", "test"), batch_size=64)
   gen.evaluation.probe.update(epochs=30, batch_size=256, eval_batch_size=512, warmup_epochs=3.0)
   c.generator = gen
@@ -59,4 +63,5 @@ def get_config(arg=None):
     gen.total_steps, gen.log_every, gen.checkpoint_every = 600, 200, 600
     gen.ema_decay = 0.95
     gen.sample.update(per_class=2, num_iter=4, infer_steps=20)
+    gen.sweep.update(grid=dict(num_iter=(2, 4), cfg_scale=(2.5,), gumbel_temp=(0.0,), infer_steps=(20,)), per_class=2)
   return c

@@ -1,0 +1,153 @@
+"""`--mode=sweep`: the sampler's speed / quality frontier over a grid of settings (`config.sweep`).
+
+Each setting (a point of `sweep.grid`, whose keys are `config.sample` fields such as num_iter, cfg_scale,
+cfg_schedule, gumbel_temp, gumbel_schedule, infer_steps, ordering, token_sampling) draws `sweep.per_class` images
+of every class, is scored by the family's scorer (the demo: `evaluation.quality`), and timed: images/s of a
+second, compiled, run on this machine. Writes <workdir>/sweep/:
+- sweep.json: one row per setting (appended as each finishes, so a rerun resumes with the settings not yet done);
+- sweep.png: FD and recall against images/s, the Pareto front (no other setting is both faster and lower in FD)
+  marked;
+and prints the best setting (lowest FD) at or above `sweep.min_images_per_s`.
+"""
+
+import dataclasses
+import itertools
+import json
+import pathlib
+import time
+from typing import Callable
+
+import matplotlib
+matplotlib.use("Agg")  # files only; no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bigr_jax import artifacts, files, parallel, typed_config  # noqa: E402
+from bigr_jax.sampling import run_sample  # noqa: E402
+
+SWEEP_DIR = "sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """`config.sweep`. grid: {sample field: values}; every combination is one setting (the other fields stay as
+  `config.sample` has them). per_class: images of each class per setting. min_images_per_s: the speed budget of
+  the best-setting line (0: none)."""
+  grid: dict = dataclasses.field(default_factory=dict)
+  per_class: int = 10
+  min_images_per_s: float = 0.0
+
+  def settings(self) -> list[dict]:
+    if not self.grid:
+      raise ValueError("config.sweep.grid is empty: give sample fields and their values, e.g. "
+                       "--config.sweep.grid.num_iter='(4, 8, 16)'")
+    names = list(self.grid)
+    values = [v if isinstance(v, (tuple, list)) else (v,) for v in self.grid.values()]
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def setting_name(setting: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+  """The rows no other row beats on both speed (images/s, higher) and FD (lower), fastest first."""
+  front = []
+  for row in sorted(rows, key=lambda r: (-r["images_per_s"], r["fd"])):
+    if not front or row["fd"] < front[-1]["fd"]:
+      front.append(row)
+  return front
+
+
+def best_within_budget(rows: list[dict], min_images_per_s: float):
+  fast_enough = [r for r in rows if r["images_per_s"] >= min_images_per_s]
+  return min(fast_enough, key=lambda r: r["fd"]) if fast_enough else None
+
+
+def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None:
+  """FD and recall against images/s, the Pareto front joined, `floor` (real images' figures) as a dashed line,
+  `highlight` (a setting dict) ringed."""
+  front = pareto_front(rows)
+  varying = [k for k in rows[0]["setting"] if len({json.dumps(r["setting"][k]) for r in rows}) > 1]
+  label_of = lambda r: setting_name({k: r["setting"][k] for k in varying})
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for axis, key, label in ((axes[0], "fd", "Fréchet distance (lower is better)"),
+                           (axes[1], "recall", "recall (higher is better)")):
+    axis.scatter([r["images_per_s"] for r in rows], [r[key] for r in rows], color="tab:blue", s=18, zorder=2)
+    axis.plot([r["images_per_s"] for r in front], [r[key] for r in front], color="tab:red", marker="o",
+              label="Pareto front (speed, FD)", zorder=3)
+    for r in front:
+      axis.annotate(label_of(r), (r["images_per_s"], r[key]), fontsize=6, textcoords="offset points",
+                    xytext=(3, 3), annotation_clip=True)
+    if highlight is not None:
+      for r in rows:
+        if r["setting"] == highlight:
+          axis.scatter([r["images_per_s"]], [r[key]], s=120, facecolors="none", edgecolors="black", zorder=4,
+                       label="the paper's setting")
+    if floor is not None:
+      axis.axhline(floor[key], color="gray", linestyle="--", label="real held-out images")
+    axis.set_xscale("log")
+    axis.set_xlabel("images/s on this machine")
+    axis.set_ylabel(label)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+  figure.suptitle(title, fontsize=9)
+  figure.tight_layout()
+  with files.atomic_path(str(path)) as tmp:
+    figure.savefig(tmp, format="png", dpi=110)
+  plt.close(figure)
+
+
+def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "", highlight=None) -> dict:
+  """Samples, scores and times every setting of `config.sweep` with the run's generator and B-AE.
+
+  `scorer(images, labels)` returns a dict with at least fd and recall; `floor`, the same for real images, is
+  drawn on the plot and kept in the table. `highlight`: a setting to ring on the plot.
+  """
+  sweep = typed_config.from_section(SweepConfig, config.sweep, "config.sweep")
+  settings = sweep.settings()
+  base = config.sample.copy_and_resolve_references()
+  parsed = []
+  for setting in settings:  # every setting is checked before any sampling
+    section = base.copy_and_resolve_references()
+    for key, value in setting.items():
+      if key not in section:
+        raise ValueError(f"config.sweep.grid.{key} is not a config.sample field; fields: {', '.join(section)}")
+      section[key] = value
+    parsed.append(run_sample.sample_settings(section))
+  out = artifacts.output_path(workdir, SWEEP_DIR)
+  table_path = out / "sweep.json"
+  rows = files.read_json(table_path)["rows"] if table_path.exists() else []
+  done = {json.dumps(r["setting"], sort_keys=True) for r in rows if r["per_class"] == sweep.per_class}
+  models = artifacts.sampling_models(config, workdir, use_ema=parsed[0][1].use_ema)
+  labels = np.repeat(np.arange(models.generator_config.num_classes, dtype=np.int32), sweep.per_class)
+  mesh = parallel.make_mesh(config.mesh)
+  for index, (setting, (sampler_config, run)) in enumerate(zip(settings, parsed)):
+    if json.dumps(setting, sort_keys=True) in done:
+      continue
+    sample = lambda: run_sample.generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
+    sample()  # compiles; the timed run below reuses the program
+    start = time.perf_counter()
+    images, _ = sample()
+    seconds = time.perf_counter() - start
+    row = {"setting": setting, "per_class": sweep.per_class, "num_images": len(labels), "seconds": seconds,
+           "images_per_s": len(labels) / seconds, **scorer(images, labels)}
+    rows.append(row)
+    files.write_json(table_path, {"rows": rows})
+    print(f"sweep [{index + 1}/{len(settings)}] {setting_name(setting)}: FD {row['fd']:.2f}, recall "
+          f"{row['recall']:.2f}, {row['images_per_s']:.1f} images/s", flush=True)
+  rows = [r for r in rows if r["per_class"] == sweep.per_class]
+  plot(rows, out / "sweep.png", title, floor, highlight)
+  best = best_within_budget(rows, sweep.min_images_per_s)
+  front = pareto_front(rows)
+  summary = {"rows": rows, "pareto_front": [r["setting"] for r in front], "min_images_per_s": sweep.min_images_per_s,
+             "best": best, "floor": floor}
+  files.write_json(table_path, summary)
+  if best is None:
+    print(f"sweep: no setting reaches {sweep.min_images_per_s} images/s; the fastest gives "
+          f"{max(r['images_per_s'] for r in rows):.1f}", flush=True)
+  else:
+    print(f"sweep: best at >= {sweep.min_images_per_s:g} images/s: {setting_name(best['setting'])} (FD "
+          f"{best['fd']:.2f}, recall {best['recall']:.2f}, {best['images_per_s']:.1f} images/s); "
+          f"{out / 'sweep.png'}", flush=True)
+  return summary
