@@ -47,6 +47,8 @@ def test_cudnn_path_is_dot_product_attention_of_the_same_layout_and_scale():
   # cuDNN needs an NVIDIA GPU; the same call through its XLA implementation checks layout and scaling here.
   q, k, v = _rotated_qkv()
   assert _max_error(attention.cudnn_attention(q, k, v, implementation="xla"), attention.xla_attention(q, k, v)) < TOL
+  with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU"):  # before any compute, on this CPU host
+    attention.cudnn_attention(q, k, v)
 
 
 def test_unknown_attention_and_cudnn_in_float32_are_config_errors():

@@ -25,6 +25,9 @@ def xla_attention(q, k, v):
 
 
 def cudnn_attention(q, k, v, implementation="cudnn"):
+  if implementation == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU (cuDNN); this host runs "
+                     f"{jax.default_backend()}: use 'xla', or 'splash' on TPU")
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 

@@ -4,7 +4,8 @@ Each setting (a point of `sweep.grid`, whose keys are `config.sample` fields suc
 cfg_schedule, gumbel_temp, gumbel_schedule, infer_steps, ordering, token_sampling) draws `sweep.per_class` images
 of every class, is scored by the family's scorer (the demo: `evaluation.quality`), and timed: images/s of a
 second, compiled, run on this machine. Writes <workdir>/sweep/:
-- sweep.json: one row per setting (appended as each finishes, so a rerun resumes with the settings not yet done);
+- sweep.json: one row per setting (appended as each finishes, so a rerun resumes with the settings not yet done;
+  rows of earlier grids stay, the summary fields cover this grid);
 - sweep.png: FD and recall against images/s, the Pareto front (no other setting is both faster and lower in FD)
   marked;
 and prints the best setting (lowest FD) at or above `sweep.min_images_per_s`.
@@ -117,13 +118,14 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "",
     parsed.append(run_sample.sample_settings(section))
   out = artifacts.output_path(workdir, SWEEP_DIR)
   table_path = out / "sweep.json"
-  rows = files.read_json(table_path)["rows"] if table_path.exists() else []
-  done = {json.dumps(r["setting"], sort_keys=True) for r in rows if r["per_class"] == sweep.per_class}
+  rows = files.read_json(table_path)["rows"] if table_path.exists() else []  # every setting ever swept here
+  key = lambda setting, per_class: (json.dumps(setting, sort_keys=True), per_class)
+  done = {key(r["setting"], r["per_class"]) for r in rows}
   models = artifacts.sampling_models(config, workdir, use_ema=parsed[0][1].use_ema)
   labels = np.repeat(np.arange(models.generator_config.num_classes, dtype=np.int32), sweep.per_class)
   mesh = parallel.make_mesh(config.mesh)
   for index, (setting, (sampler_config, run)) in enumerate(zip(settings, parsed)):
-    if json.dumps(setting, sort_keys=True) in done:
+    if key(setting, sweep.per_class) in done:
       continue
     sample = lambda: run_sample.generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
     sample()  # compiles; the timed run below reuses the program
@@ -136,16 +138,17 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "",
     files.write_json(table_path, {"rows": rows})
     print(f"sweep [{index + 1}/{len(settings)}] {setting_name(setting)}: FD {row['fd']:.2f}, recall "
           f"{row['recall']:.2f}, {row['images_per_s']:.1f} images/s", flush=True)
-  rows = [r for r in rows if r["per_class"] == sweep.per_class]
-  plot(rows, out / "sweep.png", title, floor, highlight)
-  best = best_within_budget(rows, sweep.min_images_per_s)
-  front = pareto_front(rows)
-  summary = {"rows": rows, "pareto_front": [r["setting"] for r in front], "min_images_per_s": sweep.min_images_per_s,
-             "best": best, "floor": floor}
+  wanted = {key(setting, sweep.per_class) for setting in settings}
+  current = [r for r in rows if key(r["setting"], r["per_class"]) in wanted]  # this grid's, in the plot and best
+  plot(current, out / "sweep.png", title, floor, highlight)
+  best = best_within_budget(current, sweep.min_images_per_s)
+  summary = {"rows": rows, "grid": [r["setting"] for r in current], "per_class": sweep.per_class,
+             "pareto_front": [r["setting"] for r in pareto_front(current)],
+             "min_images_per_s": sweep.min_images_per_s, "best": best, "floor": floor}
   files.write_json(table_path, summary)
   if best is None:
     print(f"sweep: no setting reaches {sweep.min_images_per_s} images/s; the fastest gives "
-          f"{max(r['images_per_s'] for r in rows):.1f}", flush=True)
+          f"{max(r['images_per_s'] for r in current):.1f}", flush=True)
   else:
     print(f"sweep: best at >= {sweep.min_images_per_s:g} images/s: {setting_name(best['setting'])} (FD "
           f"{best['fd']:.2f}, recall {best['recall']:.2f}, {best['images_per_s']:.1f} images/s); "
