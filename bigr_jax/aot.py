@@ -298,6 +298,11 @@ def suggestions(config, family: str, mesh) -> list:
 def compile_family(config, family: str, compile_config: chips.CompileConfig) -> dict:
   devices = chips.target_devices(compile_config)
   mesh = parallel.make_mesh(config.mesh, devices)
+  shards = parallel.batch_shards(mesh)
+  if config.batch_size % shards:  # before any compile: no program of this run could be built
+    raise ValueError(f"batch_size={config.batch_size} does not split over the {shards} batch shards of "
+                     f"{len(devices)} chips (mesh {dict(mesh.shape)}): use a multiple of {shards}, or a slice "
+                     "whose batch shards divide it")
   chip = chips.chip_of(devices[0])
   results = [analyse(program, devices) for program in PROGRAMS[family](config, mesh)]
   return dict(family=family, topology=compile_config.topology or "local", num_slices=compile_config.num_slices,

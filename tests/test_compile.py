@@ -81,6 +81,13 @@ def test_a_program_that_does_not_fit_exits_non_zero_with_the_numbers_and_what_wo
   assert all(p["fits"] for p in report["programs"][1:])  # the sampler and the features still fit
 
 
+def test_a_batch_the_chips_cannot_split_is_a_usage_error_before_any_compile(tmp_path):
+  _needs_libtpu()
+  result = _compile(TOKENIZER, "v5e:2x2", tmp_path, "--config.batch_size=6")
+  assert result.returncode != 0 and not (tmp_path / "compile.json").exists()
+  assert "batch_size=6 does not split over the 4 batch shards of 4 chips" in result.stdout + result.stderr
+
+
 def test_argument_bytes_are_the_sharded_state_and_batch():
   """On this host's 8 devices (no tile padding): the train step's arguments per device are exactly the
   state (params, EMA, optimizer moments) as its shardings split it, plus the batch shard and the key."""

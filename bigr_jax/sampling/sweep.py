@@ -71,15 +71,15 @@ def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None
   front = pareto_front(rows)
   varying = [k for k in rows[0]["setting"] if len({json.dumps(r["setting"][k]) for r in rows}) > 1]
   label_of = lambda r: setting_name({k: r["setting"][k] for k in varying})
-  figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4.6 + 0.16 * len(front)))
   for axis, key, label in ((axes[0], "fd", "Fréchet distance (lower is better)"),
                            (axes[1], "recall", "recall (higher is better)")):
     axis.scatter([r["images_per_s"] for r in rows], [r[key] for r in rows], color="tab:blue", s=18, zorder=2)
     axis.plot([r["images_per_s"] for r in front], [r[key] for r in front], color="tab:red", marker="o",
               label="Pareto front (speed, FD)", zorder=3)
-    for r in front:
-      axis.annotate(label_of(r), (r["images_per_s"], r[key]), fontsize=6, textcoords="offset points",
-                    xytext=(3, 3), annotation_clip=True)
+    for number, r in enumerate(front, 1):  # numbered here, named in the key below the plots
+      axis.annotate(str(number), (r["images_per_s"], r[key]), fontsize=7, textcoords="offset points",
+                    xytext=(4, 4))
     if highlight is not None:
       for r in rows:
         if r["setting"] == highlight:
@@ -93,7 +93,10 @@ def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
   figure.suptitle(title, fontsize=9)
-  figure.tight_layout()
+  key_lines = [f"{number}: {label_of(r)}  (FD {r['fd']:.2f}, recall {r['recall']:.2f}, {r['images_per_s']:.0f}/s)"
+               for number, r in enumerate(front, 1)]
+  figure.text(0.01, 0.01, "Pareto front: " + "\n".join(key_lines), fontsize=7, va="bottom", family="monospace")
+  figure.tight_layout(rect=(0, 0.035 * (len(front) + 1), 1, 1))
   with files.atomic_path(str(path)) as tmp:
     figure.savefig(tmp, format="png", dpi=110)
   plt.close(figure)
