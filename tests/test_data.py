@@ -500,8 +500,8 @@ def test_loader_errors():
 
 
 def test_build_source_errors():
-  with pytest.raises(ValueError, match="data.name='mnist'"):
-    data.build_source(_config(name="mnist"))
+  with pytest.raises(ValueError, match="data.name='cifar'"):
+    data.build_source(_config(name="cifar"))
   with pytest.raises(ValueError, match="on_bad_image"):
     data.build_source(_config(name="folder", on_bad_image="ignore"))
   with pytest.raises(ValueError, match="data_dir"):
