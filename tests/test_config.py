@@ -63,8 +63,8 @@ def test_the_tpu_variant_is_the_setting_that_compiles_to_fit():
   assert (shipped.model.remat_policy, shipped.mesh.fsdp) == ("dots", 1)
   assert (v5e.model.remat_policy, v5e.mesh.data, v5e.mesh.fsdp) == ("full", 1, -1)
   assert parallel.make_mesh(v5e.mesh).shape["fsdp"] == jax.device_count()
-  for name, attention in (("bigr_l", "splash"), ("bigr_xl", "xla"), ("bigr_xxl", "splash")):  # as compiled best
-    assert parse(config=f"configs/{name}.py:tpu=v5e").model.attention == attention
+  for name, attention in (("bigr_l", "splash"), ("bigr_xl", "xla"), ("bigr_xxl", "splash"), ("bigr_l_512", "splash")):
+    assert parse(config=f"configs/{name}.py:tpu=v5e").model.attention == attention  # as compiled best
     assert parse(config=f"configs/{name}.py").model.attention == "xla"
   assert parse(config="configs/bigr_l.py:tpu=v5e").model.remat_policy == "full"
   assert parse(config="configs/bigr_l.py").model.remat_policy == "none"
