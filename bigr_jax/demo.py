@@ -1,5 +1,5 @@
-"""The embedded demo (configs/demo.py): BiGR end to end on scikit-learn's digits, and every other mode on its
-workdir.
+"""The embedded demo (configs/demo.py: scikit-learn's digits; configs/mnist.py: 5,000 MNIST digits): BiGR end to
+end on `tokenizer.data`, and every other mode on its workdir.
 
 `--mode=demo` (or train) runs the stages: a B-AE in workdir/tokenizer, the codes of the training and held-out
 digits, a generator in workdir/generator, then the verdict (`evaluate`): samples of every class scored in the

@@ -47,6 +47,14 @@ def test_one_repeated_digit_per_class_is_seen_as_collapsed_though_every_class_is
   assert collapsed["fd"] > 4 * floor["fd"]  # measured 22.0 against 3.0
 
 
+def test_one_image_per_class_has_no_diversity_and_still_scores(report):
+  report, _ = report
+  labels = np.arange(10)
+  floor = report.floor(labels)
+  assert floor["diversity"] is None and floor["num_images"] == 10
+  assert "diversity n/a (real n/a)" in quality.summary_line(floor, floor)
+
+
 def test_the_floor_needs_enough_held_out_images_of_each_class():
   with pytest.raises(ValueError, match="has 2 images of class 1; the floor needs 3"):
     quality.matching_subset(np.array([0, 0, 0, 1, 1]), np.array([0, 1, 1, 1]))

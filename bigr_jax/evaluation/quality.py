@@ -10,6 +10,7 @@ penultimate (hidden) activations, not its logits. ImageNet keeps the Inception p
 """
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 from sklearn.neural_network import MLPClassifier
@@ -45,8 +46,9 @@ class FeatureSpace:
     return self.classifier.predict(_flat(images))
 
 
-def diversity(features: np.ndarray, labels: np.ndarray) -> float:
-  """Mean pairwise Euclidean distance between features of the same class, averaged over classes with >= 2."""
+def diversity(features: np.ndarray, labels: np.ndarray) -> Optional[float]:
+  """Mean pairwise Euclidean distance between features of the same class, averaged over classes with >= 2
+  images; None where no class has two."""
   per_class = []
   for label in np.unique(labels):
     x = features[labels == label].astype(np.float64)
@@ -54,9 +56,7 @@ def diversity(features: np.ndarray, labels: np.ndarray) -> float:
       continue
     squared = np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None] - 2 * x @ x.T, 0.0)
     per_class.append(np.sqrt(squared)[np.triu_indices(len(x), 1)].mean())
-  if not per_class:
-    raise ValueError("diversity needs at least two images of some class")
-  return float(np.mean(per_class))
+  return float(np.mean(per_class)) if per_class else None
 
 
 def score(space: FeatureSpace, train_features: np.ndarray, images, labels) -> dict:
@@ -107,4 +107,5 @@ class QualityReport:
 def summary_line(samples: dict, floor: dict) -> str:
   names = (("fd", "FD", ".2f"), ("precision", "precision", ".2f"), ("recall", "recall", ".2f"),
            ("diversity", "diversity", ".2f"), ("class_accuracy", "class accuracy", ".0%"))
-  return "; ".join(f"{label} {samples[key]:{fmt}} (real {floor[key]:{fmt}})" for key, label, fmt in names)
+  shown = lambda value, fmt: "n/a" if value is None else f"{value:{fmt}}"  # diversity of one image per class
+  return "; ".join(f"{label} {shown(samples[key], fmt)} (real {shown(floor[key], fmt)})" for key, label, fmt in names)

@@ -75,7 +75,8 @@ class GeneratorConfig:
     if self.attention not in ATTENTION_KINDS:
       raise ValueError(f"unknown attention {self.attention!r}: xla, splash or cudnn")
     if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
-      raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN's flash attention), not {self.dtype!r}")
+      raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16 (cuDNN's flash attention), "
+                       f"not {self.dtype!r}")
     jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
   @classmethod
