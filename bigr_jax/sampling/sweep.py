@@ -14,17 +14,14 @@ and prints the best setting (lowest FD) at or above `sweep.min_images_per_s`.
 import dataclasses
 import itertools
 import json
-import pathlib
 import time
 from typing import Callable
 
-import matplotlib
-matplotlib.use("Agg")  # files only; no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # drawn to a file, without pyplot's global state or a display
+import numpy as np
 
-from bigr_jax import artifacts, files, parallel, typed_config  # noqa: E402
-from bigr_jax.sampling import run_sample  # noqa: E402
+from bigr_jax import artifacts, files, parallel, typed_config
+from bigr_jax.sampling import run_sample
 
 SWEEP_DIR = "sweep"
 
@@ -71,7 +68,8 @@ def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None
   front = pareto_front(rows)
   varying = [k for k in rows[0]["setting"] if len({json.dumps(r["setting"][k]) for r in rows}) > 1]
   label_of = lambda r: setting_name({k: r["setting"][k] for k in varying})
-  figure, axes = plt.subplots(1, 2, figsize=(11, 4.6 + 0.16 * len(front)))
+  figure = Figure(figsize=(11, 4.6 + 0.16 * len(front)))
+  axes = figure.subplots(1, 2)
   for axis, key, label in ((axes[0], "fd", "Fréchet distance (lower is better)"),
                            (axes[1], "recall", "recall (higher is better)")):
     axis.scatter([r["images_per_s"] for r in rows], [r[key] for r in rows], color="tab:blue", s=18, zorder=2)
@@ -99,7 +97,6 @@ def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None
   figure.tight_layout(rect=(0, 0.035 * (len(front) + 1), 1, 1))
   with files.atomic_path(str(path)) as tmp:
     figure.savefig(tmp, format="png", dpi=110)
-  plt.close(figure)
 
 
 def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "", highlight=None) -> dict:
