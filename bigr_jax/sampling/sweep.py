@@ -107,10 +107,9 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "",
   """
   sweep = typed_config.from_section(SweepConfig, config.sweep, "config.sweep")
   settings = sweep.settings()
-  base = config.sample.copy_and_resolve_references()
   parsed = []
   for setting in settings:  # every setting is checked before any sampling
-    section = base.copy_and_resolve_references()
+    section = config.sample.copy_and_resolve_references()
     for key, value in setting.items():
       if key not in section:
         raise ValueError(f"config.sweep.grid.{key} is not a config.sample field; fields: {', '.join(section)}")
