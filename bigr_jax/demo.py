@@ -55,7 +55,7 @@ def compile_programs(config, workdir) -> dict:
           "generator": aot.run(gen, gen_workdir, "generator")}
 
 
-def _source(config, split: str):
+def dataset_split(config, split: str):
   """A split of the demo's dataset (`tokenizer.data`), at the tokenizer's size."""
   section = config.tokenizer.data.copy_and_resolve_references()
   section.split = split
@@ -64,7 +64,7 @@ def _source(config, split: str):
 
 def real_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images, labels) of every record of a split of the demo's dataset."""
-  source = _source(config, split)
+  source = dataset_split(config, split)
   records = [source[i] for i in range(len(source))]
   return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
 
@@ -118,7 +118,7 @@ def _update_summary(workdir: pathlib.Path, values: dict) -> dict:
 
 def _edit_inputs(config, workdir: pathlib.Path) -> None:
   """A held-out image and a mask of its top half, the inputs `--mode=edit` uses on this workdir."""
-  image = _source(config, "test")[0]["image"]
+  image = dataset_split(config, "test")[0]["image"]
   Image.fromarray(image).save(workdir / EDIT_IMAGE)
   mask = np.zeros(image.shape[:2], np.uint8)
   mask[: image.shape[0] // 2] = 255

@@ -1,7 +1,11 @@
-"""Test setup: 8 fake CPU devices (for sharded paths) and a persistent compilation cache."""
+"""Test setup: 8 fake CPU devices (for sharded paths), a persistent compilation cache, and the quick demo's
+workdir that the demo's and the app's tests share (both in xdist group "quick_demo", so one worker builds it once)."""
 
 import os
 import pathlib
+import subprocess
+import sys
+from typing import NamedTuple
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,3 +22,24 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 def parity_dir() -> pathlib.Path:
   """Fixtures recorded from the original PyTorch code; BIGR_PARITY_FIXTURES points at another set."""
   return pathlib.Path(os.environ.get("BIGR_PARITY_FIXTURES", ROOT / "tests" / "fixtures" / "bigr_original"))
+
+
+class QuickDemo(NamedTuple):
+  workdir: pathlib.Path
+  stdout: str
+
+
+def run_quick_demo(workdir, *argv) -> str:
+  """`python -m bigr_jax.main --config=configs/demo.py:quick --workdir=WORKDIR ARGV` as a user types it; its stdout."""
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/demo.py:quick",
+                           f"--workdir={workdir}", *argv], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> QuickDemo:
+  """The quick demo, run once end to end (mark its users @pytest.mark.xdist_group("quick_demo"))."""
+  workdir = tmp_path_factory.mktemp("quick_demo") / "demo"
+  return QuickDemo(workdir, run_quick_demo(workdir))

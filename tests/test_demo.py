@@ -1,35 +1,23 @@
 """The embedded demo through the command line, as a user types it: every stage, then every other mode on its
-workdir (sample, edit, features, encode, evaluate). One test, so that the demo runs once whichever worker takes it."""
+workdir (sample, edit, features, encode, evaluate, sweep, compile), on the shared quick demo (conftest.py)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from bigr_jax import data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_quick_demo
 # configs/demo.py:quick trains each stage briefly: 40% of its 20 samples were recognised (chance 10%), at FD 43
 # against the floor's 16 (real held-out digits, as many per class).
 QUICK_ACCURACY = 0.25
 
 
-def _main(workdir, *argv):
-  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/demo.py:quick",
-                           f"--workdir={workdir}", *argv], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  return result.stdout
-
-
 @pytest.mark.slow
-def test_demo_then_every_mode_on_its_workdir(tmp_path):
-  workdir = tmp_path / "demo"
-  out = _main(workdir)
+@pytest.mark.xdist_group("quick_demo")
+def test_demo_then_every_mode_on_its_workdir(quick_demo):
+  workdir, out = quick_demo
   summary = json.loads((workdir / "demo.json").read_text())
   assert summary["num_samples"] == 20
   assert summary["real_digit_accuracy"] > 0.9  # the judge itself is sound
@@ -43,12 +31,12 @@ def test_demo_then_every_mode_on_its_workdir(tmp_path):
     assert (workdir / path).exists(), path
   assert "step 600/600" in out and "== 4/4 samples" in out
 
-  out = _main(workdir, "--mode=sample", "--config.generator.sample.per_class=1")
+  out = run_quick_demo(workdir, "--mode=sample", "--config.generator.sample.per_class=1")
   grid = np.asarray(Image.open(workdir / "generator" / "samples" / "samples.png"))
   assert grid.ndim == 3 and grid.shape[0] > grid.shape[1] / 20  # a PNG grid of 10 images
   assert np.load(workdir / "generator" / "samples" / "samples.npz")["arr_0"].shape == (10, 16, 16, 3)
 
-  _main(workdir, "--mode=edit", "--config.generator.edit.batch=2", "--config.generator.edit.sampler.num_iter=3")
+  run_quick_demo(workdir, "--mode=edit", "--config.generator.edit.batch=2", "--config.generator.edit.sampler.num_iter=3")
   edited = np.load(workdir / "generator" / "edit" / "inpaint.npz")["arr_0"]
   assert edited.shape == (2, 16, 16, 3)
   digit = np.asarray(Image.open(workdir / "edit_digit.png").convert("RGB")).astype(float)
@@ -57,34 +45,43 @@ def test_demo_then_every_mode_on_its_workdir(tmp_path):
   samples = np.load(workdir / "samples.npz")["arr_0"].astype(float)
   kept, free = (np.abs(x[:, 8:] - digit[8:]).mean() for x in (edited, samples))
   assert kept < 0.75 * free, (kept, free)
+  # Cloned seamlessly into the digit, as the original's apps/inpaint.py ends: the same results, with the digit's
+  # own pixels outside the mask and a blend inside.
+  run_quick_demo(workdir, "--mode=edit", "--config.generator.edit.batch=2", "--config.generator.edit.sampler.num_iter=3",
+                 "--config.generator.edit.seamless_clone=True")
+  saved = np.load(workdir / "generator" / "edit" / "inpaint.npz")
+  np.testing.assert_array_equal(saved["arr_0"], edited.astype(np.uint8))  # the same seed: the same results
+  cloned = saved["cloned"].astype(float)
+  np.testing.assert_array_equal(cloned[:, 8:], np.broadcast_to(digit[8:], cloned[:, 8:].shape))
+  assert np.abs(cloned[:, :8] - edited[:, :8]).mean() > 1.0  # grey levels
 
-  _main(workdir, "--mode=features")
+  run_quick_demo(workdir, "--mode=features")
   probe = json.loads((workdir / "generator" / "linear_probe.json").read_text())
   assert probe["best_top1"] > 15.0  # chance 10%; 24% measured on the quick model's middle block
   assert (workdir / "generator" / "features" / "test").is_dir()
 
-  _main(workdir, "--mode=encode", "--config.tokenizer.data.split=all")
+  run_quick_demo(workdir, "--mode=encode", "--config.tokenizer.data.split=all")
   assert len(data.CodesSource(str(workdir / "tokenizer" / "codes" / "all"), flip=False)) == 1797  # every digit
 
   before = (workdir / "demo.json").stat().st_mtime_ns
-  _main(workdir, "--mode=evaluate", "--config.generator.sample.per_class=1")
+  run_quick_demo(workdir, "--mode=evaluate", "--config.generator.sample.per_class=1")
   assert (workdir / "demo.json").stat().st_mtime_ns > before
   assert json.loads((workdir / "demo.json").read_text())["num_samples"] == 10
 
   # The sampler's frontier over the quick grid (2 settings), then a rerun that resumes with nothing left to do.
-  out = _main(workdir, "--mode=sweep")
+  out = run_quick_demo(workdir, "--mode=sweep")
   table = json.loads((workdir / "generator" / "sweep" / "sweep.json").read_text())
   assert [r["setting"]["num_iter"] for r in table["rows"]] == [2, 4]
   assert all(r["images_per_s"] > 0 and r["num_images"] == 20 and r["fd"] > 0 for r in table["rows"])
   assert table["best"]["setting"] in [r["setting"] for r in table["rows"]] and "sweep: best at >=" in out
   plot = Image.open(workdir / "generator" / "sweep" / "sweep.png")
   assert plot.format == "PNG" and plot.size[0] > 800
-  again = _main(workdir, "--mode=sweep")
+  again = run_quick_demo(workdir, "--mode=sweep")
   assert "sweep [" not in again and json.loads((workdir / "generator" / "sweep" / "sweep.json").read_text())["rows"] \
       == table["rows"]
 
   # Both of the demo's models, compiled for this host's devices (tests/test_compile.py compiles for TPUs).
-  _main(workdir, "--mode=compile")
+  run_quick_demo(workdir, "--mode=compile")
   for stage, programs in (("tokenizer", ["train_step"]), ("generator", ["train_step", "sample", "features"])):
     report = json.loads((workdir / stage / "compile.json").read_text())
     assert report["topology"] == "local" and [p["program"] for p in report["programs"]] == programs

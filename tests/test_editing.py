@@ -1,10 +1,13 @@
-"""Zero-shot applications on the tiny recorded generator (4 x 4 tokens, 8 bits), against the original's procedures."""
+"""Zero-shot applications on the tiny recorded generator (4 x 4 tokens, 8 bits), against the original's procedures;
+the seamless cloning that ends the original's edits; the decoding-order strip."""
 
+import cv2
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from bigr_jax import images as images_lib
 from bigr_jax.sampling import editing, sampler, schedules
 from test_sampler import reference_complete, tiny  # noqa: F401  (tiny is a module fixture)
 
@@ -164,3 +167,86 @@ def test_enrich(tiny):  # noqa: F811
   assert (out != bits).any()
   again = np.asarray(editing.enrich(cfg, params, bits, jax.random.key(0), repeats=2, config=config))
   np.testing.assert_array_equal(out, again)
+
+
+# -- seamless cloning, as apps/inpaint.py ends an edit --------------------------------------------------------
+
+
+def _smooth_image(size=32, phase=0):
+  rows, cols = np.mgrid[:size, :size]
+  return np.stack([(cols * 7 + rows * 3 + phase) % 200 + 20, (rows * 5 + phase) % 200 + 20,
+                   (cols * rows + phase) % 200 + 20], -1).astype(np.float32) / 255.0
+
+
+@pytest.mark.parametrize("box", [(4, 12, 3, 20), (4, 13, 3, 21), (0, 16, 0, 32), (0, 15, 5, 32), (10, 32, 0, 17),
+                                 (5, 32, 6, 32), (0, 32, 0, 32)])
+def test_seamless_clone_lands_where_it_was_cut(box):
+  """Cloning an image into itself returns it, for regions of odd and even sizes and regions touching the image
+  border: the region is placed exactly where it was cut."""
+  top, bottom, left, right = box
+  mask = np.zeros((32, 32), bool)
+  mask[top:bottom, left:right] = True
+  image = _smooth_image()
+  np.testing.assert_allclose(images_lib.seamless_clone(image, image, mask), image, atol=1.5 / 255)
+
+
+def test_seamless_clone_changes_the_inside_only_and_agrees_with_the_original_on_its_boxes():
+  source, destination = _smooth_image().transpose(1, 0, 2)[..., ::-1], _smooth_image()
+  mask = np.zeros((32, 32), bool)
+  mask[8:21, 5:24] = True  # 13 x 19: odd, as the original's adjust_mask makes every box, away from the border
+  cloned = images_lib.seamless_clone(source, destination, mask)
+  np.testing.assert_array_equal(cloned[~mask], images_lib.to_uint8(destination)[~mask] / np.float32(255))
+  assert np.abs(cloned - destination)[mask].mean() > 0.03  # it took the source's gradients (measured 0.055)
+  # The original's call: the centre is the mean of the mask's pixels.
+  rows, cols = np.nonzero(mask)
+  original = cv2.seamlessClone(images_lib.to_uint8(source), images_lib.to_uint8(destination),
+                               mask.astype(np.uint8) * 255, (int(cols.mean()), int(rows.mean())), cv2.NORMAL_CLONE)
+  np.testing.assert_array_equal(images_lib.to_uint8(cloned), original)
+
+
+def test_seamless_clone_refuses_a_mask_too_thin_to_clone():
+  mask = np.zeros((32, 32), bool)
+  mask[:2] = True  # OpenCV clears the outermost ring: one row is left
+  with pytest.raises(ValueError, match="too thin"):
+    images_lib.seamless_clone(_smooth_image(), _smooth_image(), mask)
+
+
+def test_check_rgb_names_what_is_not_a_colour_picture():
+  rgb = Image.new("RGB", (4, 4), (10, 20, 30))
+  assert images_lib.check_rgb(rgb) is rgb
+  assert images_lib.check_rgb(Image.new("RGBA", (4, 4), (10, 20, 30, 255))).mode == "RGB"  # opaque: fine
+  with pytest.raises(ValueError, match="has transparent pixels"):
+    images_lib.check_rgb(Image.new("RGBA", (4, 4), (10, 20, 30, 128)), "the picture")
+  with pytest.raises(ValueError, match="is L, not RGB"):
+    images_lib.check_rgb(Image.new("L", (4, 4)), "the picture")
+
+
+def test_decoding_strip_shows_each_iterations_tokens():
+  images = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+  decoded_at = np.array([[0, 1, 2, -1], [2, 2, 0, 1]])  # 2 x 2 tokens of 4 x 4 pixels; -1: given
+  strip = images_lib.decoding_strip(images, decoded_at, num_iter=3, padding=0)
+  assert strip.shape == (16, 24, 3)
+  frames = strip.reshape(2, 8, 3, 8, 3).transpose(0, 2, 1, 3, 4)  # (image, iteration, H, W, C)
+  for b in range(2):
+    for t in range(3):
+      for token in range(4):
+        r, c = divmod(token, 2)
+        patch = frames[b, t, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
+        want = images[b, 4 * r:4 * r + 4, 4 * c:4 * c + 4] if decoded_at[b, token] <= t else np.full((4, 4, 3), 0.5)
+        np.testing.assert_array_equal(patch, images_lib.to_uint8(want))
+
+
+def test_seamless_clone_mean_center_is_the_originals():
+  """clone_center="mean": apps/inpaint.py's adjust_mask and mean centre. On the top half (the demo's mask), which
+  touches the image border, that lands a pixel off (cloning an image into itself changes it); "box" does not."""
+  image = _smooth_image()
+  mask = np.zeros((32, 32), bool)
+  mask[:16] = True
+  adjusted = mask.copy()
+  adjusted[16] = True  # adjust_mask's extra row; its extra column, left of column 0, wraps to column 31
+  rows, cols = np.nonzero(adjusted)
+  original = cv2.seamlessClone(images_lib.to_uint8(image), images_lib.to_uint8(image), adjusted.astype(np.uint8) * 255,
+                               (int(cols.mean()), int(rows.mean())), cv2.NORMAL_CLONE)
+  np.testing.assert_array_equal(images_lib.to_uint8(images_lib.seamless_clone(image, image, mask, "mean")), original)
+  assert np.abs(original.astype(float) - images_lib.to_uint8(image)).max() > 100  # a pixel off
+  np.testing.assert_allclose(images_lib.seamless_clone(image, image, mask, "box"), image, atol=1.5 / 255)

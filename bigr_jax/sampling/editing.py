@@ -31,25 +31,30 @@ TASK_SAMPLERS = {"inpaint": EDIT_CONFIG, "outpaint": EDIT_CONFIG, "edit": EDIT_C
 INTERPOLATION_WEIGHTS = tuple([0.0, 0.1, 0.2] + np.linspace(0.3, 0.7, 21).tolist() + [0.8, 0.9, 1.0])
 
 
-def mask_from_image(image, grid_size: int = 16, image_size: int = 256) -> np.ndarray:
-  """(grid, grid) bool token mask from a mask image (a path, PIL image or array; white = regenerate).
-
-  As apps/inpaint.py: center-crop to `image_size`, nearest-resize to the token grid, take the first
-  channel; any non-zero pixel counts as True.
-  """
+def pixel_mask(image, image_size: int = 256) -> np.ndarray:
+  """(image_size, image_size) bool mask from a mask image (a path, PIL image or array; white = True): as
+  apps/inpaint.py, center-cropped to `image_size`, its first channel; any non-zero pixel counts as True."""
   if isinstance(image, np.ndarray):
     image = Image.fromarray(image)
   elif not isinstance(image, Image.Image):
     image = Image.open(image)
   if image.mode in ("1", "P"):  # bicubic needs 8 bits; palette indices are not brightness
     image = image.convert("L" if image.mode == "1" else "RGB")
-  arr = center_crop_arr(image, image_size)  # as apps/inpaint.py crops the mask
-  if arr.ndim == 3:
-    arr = arr[..., 0]
-  height, width = arr.shape
+  arr = center_crop_arr(image, image_size)
+  return (arr[..., 0] if arr.ndim == 3 else arr) != 0
+
+
+def mask_from_image(image, grid_size: int = 16, image_size: int = 256) -> np.ndarray:
+  """(grid, grid) bool token mask from a mask image (white = regenerate): its `pixel_mask` on the token grid."""
+  return pixel_mask_to_tokens(pixel_mask(image, image_size), grid_size)
+
+
+def pixel_mask_to_tokens(pixels: np.ndarray, grid_size: int) -> np.ndarray:
+  """A (H, W) pixel mask nearest-resized to the (grid, grid) token grid, as apps/inpaint.py resizes masks."""
+  height, width = pixels.shape
   rows = np.minimum(np.floor(np.arange(grid_size) * (height / grid_size)).astype(int), height - 1)
   cols = np.minimum(np.floor(np.arange(grid_size) * (width / grid_size)).astype(int), width - 1)
-  return arr[rows][:, cols] != 0
+  return pixels[rows][:, cols]
 
 
 def token_mask(mask, batch: int, model_config: GeneratorConfig) -> np.ndarray:

@@ -6,12 +6,13 @@ import functools
 import pathlib
 import shutil
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from bigr_jax import artifacts, files, images as images_lib, parallel, typed_config
 from bigr_jax.evaluation import metrics as metrics_lib, run as evaluation_run
@@ -43,6 +44,7 @@ def sample_settings(sample_section) -> tuple:
 
 
 EDIT_TASKS = ("inpaint", "outpaint", "edit", "interpolate", "enrich")
+MASK_TASKS = ("inpaint", "outpaint", "edit")  # the tasks that read a mask, and can be cloned seamlessly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,11 @@ class EditConfig:
   task: inpaint | outpaint | edit (class edit) | interpolate | enrich. image: the input picture (not for
   interpolate); mask: a PNG, white = regenerate (outpaint: white = keep). sampler: overrides of the task's
   sampler settings, which default to the original apps' (`editing.TASK_SAMPLERS`); unset fields are None.
+  seamless_clone: also blend each result into the input with OpenCV's Poisson cloning, as the original's
+  apps/inpaint.py does (`images.seamless_clone`): inpaint and edit clone the masked region of the result into
+  the input, outpaint the kept region of the input into the result (mask tasks only; the `app` extra).
+  clone_center: "box" (ours: the region lands where it was cut) or "mean" (the original's; see
+  `images.seamless_clone`).
   """
   task: str = "inpaint"
   image: str = ""
@@ -61,11 +68,17 @@ class EditConfig:
   class_b: int = 1
   batch: int = 4
   seed: int = 0
+  seamless_clone: bool = False
+  clone_center: str = "box"
   sampler: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.task not in EDIT_TASKS:
       raise ValueError(f"unknown edit.task {self.task!r}; expected one of {EDIT_TASKS}")
+    if self.clone_center not in images_lib.CLONE_CENTERS:
+      raise ValueError(f"unknown edit.clone_center {self.clone_center!r}; expected one of {images_lib.CLONE_CENTERS}")
+    if self.seamless_clone and self.task not in MASK_TASKS:
+      raise ValueError(f"edit.seamless_clone applies to the tasks {MASK_TASKS}, not {self.task!r}")
     unknown = sorted(set(self.sampler) - set(typed_config.field_names(sampler.SamplerConfig)))
     if unknown:
       raise ValueError(f"unknown config.edit.sampler field(s) {unknown}; known: "
@@ -75,7 +88,7 @@ class EditConfig:
     """The files the task reads are named and exist."""
     if self.task != "interpolate" and not self.image:
       raise ValueError(f"edit.task={self.task!r} needs --config.edit.image=<picture>")
-    if self.task in ("inpaint", "outpaint", "edit") and not self.mask:
+    if self.task in MASK_TASKS and not self.mask:
       raise ValueError(f"edit.task={self.task!r} needs --config.edit.mask=<PNG, white = regenerate>")
     for path in (self.image, self.mask):
       if path and not pathlib.Path(path).is_file():
@@ -109,13 +122,19 @@ def decode_bits(model_config: tokenizer_lib.TokenizerConfig, params, bits) -> np
   return np.clip(np.asarray(_decoder(model_config)(params, latent)), 0.0, 1.0)
 
 
+class Generated(NamedTuple):
+  images: np.ndarray  # (B, H, W, 3) in [0, 1]
+  bits: np.ndarray  # (B, N, K)
+  decoded_at: np.ndarray  # (B, N): the sampler iteration that decoded each token
+
+
 def generate_images(models: artifacts.SamplingModels, labels, config: sampler.SamplerConfig, seed: int,
-                    mesh=None, batch_size: int = 0):
-  """Images (B, H, W, 3) in [0, 1] and bits for `labels`, in batches of `batch_size` (0: all at once),
-  each padded to the mesh's batch shards."""
+                    mesh=None, batch_size: int = 0) -> Generated:
+  """Images and bits for `labels`, in batches of `batch_size` (0: all at once), each padded to the mesh's
+  batch shards."""
   labels = np.asarray(labels, np.int32)
   batch_size = batch_size or len(labels)
-  all_bits, all_images = [], []
+  parts = []
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     padded = parallel.pad_to_shards(chunk, mesh) if mesh is not None else chunk
@@ -123,14 +142,15 @@ def generate_images(models: artifacts.SamplingModels, labels, config: sampler.Sa
     out = sampler.generate(models.generator_config, models.generator_params, padded, key, config, mesh=mesh,
                            batch_axes=parallel.BATCH_AXES if mesh is not None else ("data",))
     bits = np.asarray(out.bits)[:len(chunk)]
-    all_bits.append(bits)
-    all_images.append(decode_bits(models.tokenizer_config, models.tokenizer_params, bits))
-  return np.concatenate(all_images), np.concatenate(all_bits)
+    parts.append(Generated(decode_bits(models.tokenizer_config, models.tokenizer_params, bits), bits,
+                           np.asarray(out.decoded_at)[:len(chunk)]))
+  return Generated(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
 
 class Drawn(NamedTuple):
   images: np.ndarray  # (B, H, W, 3) in [0, 1]
   bits: np.ndarray  # (B, N, K)
+  decoded_at: np.ndarray  # (B, N)
   labels: np.ndarray
   models: artifacts.SamplingModels
   sampler_config: sampler.SamplerConfig
@@ -147,77 +167,112 @@ def draw_samples(config, workdir) -> Drawn:
   labels = run.class_labels(models.generator_config.num_classes)
   sampler.check_labels(models.generator_config, labels)
   start = time.perf_counter()
-  images, bits = generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
-  return Drawn(images, bits, labels, models, sampler_config, run, time.perf_counter() - start)
+  generated = generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
+  return Drawn(*generated, labels, models, sampler_config, run, time.perf_counter() - start)
 
 
 def sample_to_workdir(config, workdir: str):
   """Samples `config.sample` (`draw_samples`); writes workdir/samples/{samples.png, samples.npz,
-  samples.json}."""
-  images, bits, labels, _, sampler_config, run, seconds = draw_samples(config, workdir)
+  samples.json} and decoding_order.png (each sample's tokens as the sampler decoded them, iteration by
+  iteration; the first 8 samples)."""
+  drawn = draw_samples(config, workdir)
+  images, run, seconds = drawn.images, drawn.run, drawn.seconds
   out = artifacts.output_path(workdir, artifacts.SAMPLES_DIR)
   images_lib.save_grid(images, out / "samples.png", nrow=run.per_class or min(8, len(images)))
-  np.savez(out / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels, bits=bits.astype(np.uint8))
+  Image.fromarray(images_lib.decoding_strip(images[:8], drawn.decoded_at[:8], drawn.sampler_config.num_iter)
+                  ).save(out / "decoding_order.png")
+  np.savez(out / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=drawn.labels,
+           bits=drawn.bits.astype(np.uint8))
   summary = {"num_images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds,
-             **dataclasses.asdict(sampler_config), **{k: v for k, v in dataclasses.asdict(run).items()
-                                                      if k != "labels"}}
+             **dataclasses.asdict(drawn.sampler_config), **{k: v for k, v in dataclasses.asdict(run).items()
+                                                            if k != "labels"}}
   files.write_json(out / "samples.json", summary)
-  print(f"wrote {out / 'samples.png'} ({len(images)} images, {seconds:.1f} s)", flush=True)
+  print(f"wrote {out / 'samples.png'} ({len(images)} images, {seconds:.1f} s) and {out / 'decoding_order.png'}",
+        flush=True)
   return images
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder(model_config: tokenizer_lib.TokenizerConfig):
+  return jax.jit(lambda p, x, key: tokenizer_lib.BinaryAutoEncoder(model_config).apply(
+      {"params": p}, x, rngs={"sample": key}, method=tokenizer_lib.BinaryAutoEncoder.encode)[1])
 
 
 def encode_image(models: artifacts.SamplingModels, image: np.ndarray, batch: int, key) -> np.ndarray:
   """Sampled B-AE bits (batch, N, K) of one image (H, W, 3) in [0, 1], as the original apps encode."""
-  tok_config = models.tokenizer_config
-  _, bits = jax.jit(lambda p, x: tokenizer_lib.BinaryAutoEncoder(tok_config).apply(
-      {"params": p}, x, rngs={"sample": key}, method=tokenizer_lib.BinaryAutoEncoder.encode))(
-          models.tokenizer_params, np.repeat(image[None], batch, 0))
-  return np.asarray(bits).reshape(batch, -1, tok_config.codebook_size)
+  bits = _encoder(models.tokenizer_config)(models.tokenizer_params, np.repeat(image[None], batch, 0), key)
+  return np.asarray(bits).reshape(batch, -1, models.tokenizer_config.codebook_size)
 
 
-def edit_to_workdir(config, workdir: str):
-  """`--mode=edit` (see `EditConfig`) on `config.mesh`. Writes workdir/edit/<task>.png (the input first,
-  then the results) and <task>.npz."""
-  workdir = pathlib.Path(workdir)
-  edit = typed_config.from_section(EditConfig, config.edit, "config.edit")
-  edit.check_inputs()
-  sampler_config = edit.sampler_config()
-  _, run = sample_settings(config.sample)
-  mesh = parallel.make_mesh(config.mesh)
-  models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
-  gen_config, gen_params = models.generator_config, models.generator_params
-  kwargs = dict(config=sampler_config, mesh=mesh, batch_axes=parallel.BATCH_AXES)
+class Edited(NamedTuple):
+  images: np.ndarray  # (B, H, W, 3) in [0, 1]: the task's results
+  decoded_at: Optional[np.ndarray]  # (B, N): the iteration that decoded each token (-1: given; enrich: None)
+  source: Optional[np.ndarray]  # (H, W, 3): the input picture at the tokenizer's size (None: interpolate)
+  cloned: Optional[np.ndarray]  # (B, H, W, 3): the results cloned seamlessly (`seamless_clone`), else None
+
+
+def edit_images(models: artifacts.SamplingModels, edit: EditConfig, mesh, image=None, mask=None) -> Edited:
+  """`edit`'s task with `models` on `mesh`. image: (H, W, 3) in [0, 1] at the tokenizer's size, default the
+  file `edit.image`; mask: anything `editing.pixel_mask` reads (white = regenerate; outpaint: keep), default
+  the file `edit.mask`. An empty mask is a ValueError."""
+  gen_config, gen_params, tok_config = models.generator_config, models.generator_params, models.tokenizer_config
+  kwargs = dict(config=edit.sampler_config(), mesh=mesh, batch_axes=parallel.BATCH_AXES)
   key = jax.random.key(edit.seed)
-  inputs = []
   # Batches are padded to the mesh's batch shards; the padding is dropped below.
   if edit.task == "interpolate":
     count = len(editing.INTERPOLATION_WEIGHTS)
     weights = parallel.pad_to_shards(np.asarray(editing.INTERPOLATION_WEIGHTS, np.float32), mesh)
-    out_bits = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key, weights=weights,
-                                   **kwargs).bits
+    out = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key, weights=weights, **kwargs)
+    return Edited(decode_bits(tok_config, models.tokenizer_params, np.asarray(out.bits)[:count]),
+                  np.asarray(out.decoded_at)[:count], None, None)
+  count = edit.batch
+  image = images_lib.load_image(edit.image, tok_config.img_size) if image is None else image
+  bits = encode_image(models, image, parallel.round_up_to_shards(edit.batch, mesh), jax.random.fold_in(key, 1))
+  pixels = None
+  if edit.task == "enrich":
+    out_bits = editing.enrich(gen_config, gen_params, bits, key, **kwargs)
+    decoded_at = None  # sixteen passes over the grid: no one order to show
   else:
-    count = edit.batch
-    image = images_lib.load_image(edit.image, models.tokenizer_config.img_size)
-    inputs = [image]
-    bits = encode_image(models, image, parallel.round_up_to_shards(edit.batch, mesh), jax.random.fold_in(key, 1))
-    if edit.task == "enrich":
-      out_bits = editing.enrich(gen_config, gen_params, bits, key, **kwargs)
-    else:
-      mask = editing.mask_from_image(edit.mask, gen_config.grid_size, models.tokenizer_config.img_size)
-      if edit.task == "inpaint":
-        out = editing.inpaint(gen_config, gen_params, bits, mask, key, **kwargs)
-      elif edit.task == "outpaint":
-        out = editing.outpaint(gen_config, gen_params, bits, mask, key, **kwargs)
-      else:
-        out = editing.edit_class(gen_config, gen_params, bits, mask, edit.target_class, key, **kwargs)
-      out_bits = out.bits
-  images = decode_bits(models.tokenizer_config, models.tokenizer_params, np.asarray(out_bits)[:count])
+    pixels = editing.pixel_mask(edit.mask if mask is None else mask, tok_config.img_size)
+    tokens = editing.pixel_mask_to_tokens(pixels, gen_config.grid_size)
+    if not tokens.any():
+      raise ValueError("the mask is empty: mark the region to regenerate (outpaint: to keep) in white")
+    task = {"inpaint": editing.inpaint, "outpaint": editing.outpaint,
+            "edit": functools.partial(editing.edit_class, target_class=edit.target_class)}[edit.task]
+    out = task(gen_config, gen_params, bits, tokens, key, **kwargs)
+    out_bits, decoded_at = out.bits, np.asarray(out.decoded_at)
+  images = decode_bits(tok_config, models.tokenizer_params, np.asarray(out_bits)[:count])
+  cloned = None
+  if edit.seamless_clone:
+    # As apps/inpaint.py: the regenerated region goes into the input; for outpaint the input's kept region
+    # goes into the result.
+    pairs = ((image, result) if edit.task == "outpaint" else (result, image) for result in images)
+    cloned = np.stack([images_lib.seamless_clone(source, destination, pixels, edit.clone_center)
+                       for source, destination in pairs])
+  return Edited(images, None if decoded_at is None else decoded_at[:count], image, cloned)
+
+
+def edit_to_workdir(config, workdir: str):
+  """`--mode=edit` (see `EditConfig`) on `config.mesh`. Writes workdir/edit/<task>.png (the input first,
+  then the results; with `seamless_clone`, a second row of the cloned results) and <task>.npz (arr_0: the
+  results; cloned)."""
+  edit = typed_config.from_section(EditConfig, config.edit, "config.edit")
+  edit.check_inputs()
+  _, run = sample_settings(config.sample)
+  mesh = parallel.make_mesh(config.mesh)
+  models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
+  edited = edit_images(models, edit, mesh)
+  rows = [edited.images] if edited.source is None else [edited.source[None], edited.images]
+  if edited.cloned is not None:
+    rows += [edited.source[None], edited.cloned]
   path = artifacts.output_path(workdir, artifacts.EDIT_DIR) / f"{edit.task}.png"
-  images_lib.save_grid(np.concatenate([np.stack(inputs), images]) if inputs else images, path,
-                       nrow=min(8, len(images) + len(inputs)))
-  np.savez(path.with_suffix(".npz"), arr_0=images_lib.to_uint8(images))
+  images_lib.save_grid(np.concatenate(rows), path, nrow=min(8, len(edited.images) + (edited.source is not None)))
+  arrays = {"arr_0": images_lib.to_uint8(edited.images)}
+  if edited.cloned is not None:
+    arrays["cloned"] = images_lib.to_uint8(edited.cloned)
+  np.savez(path.with_suffix(".npz"), **arrays)
   print(f"wrote {path}", flush=True)
-  return images
+  return edited.images
 
 
 def evaluation_samples(config, workdir: str, overwrite: bool = False) -> str:
@@ -249,7 +304,7 @@ def evaluation_samples(config, workdir: str, overwrite: bool = False) -> str:
     part = parts / f"{start:08d}.npy"
     if part.exists():
       continue
-    chunk, _ = generate_images(models, labels[start:start + batch], sampler_config, run.seed + start, mesh)
+    chunk = generate_images(models, labels[start:start + batch], sampler_config, run.seed + start, mesh).images
     with files.atomic_path(part) as tmp:  # a part is whole or absent
       np.save(tmp, images_lib.to_uint8(chunk))
     print(f"evaluation samples: {min(start + batch, num)}/{num}", flush=True)

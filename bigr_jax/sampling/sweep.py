@@ -129,7 +129,7 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "",
     sample = lambda: run_sample.generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
     sample()  # compiles; the timed run below reuses the program
     start = time.perf_counter()
-    images, _ = sample()
+    images = sample().images
     seconds = time.perf_counter() - start
     row = {"setting": setting, "per_class": sweep.per_class, "num_images": len(labels), "seconds": seconds,
            "images_per_s": len(labels) / seconds, **scorer(images, labels)}
