@@ -14,23 +14,20 @@ demo's workdir with the default config, or any generator config and its workdir 
 import dataclasses
 import importlib.resources
 import json
-import os
 import threading
 import time
 from typing import Optional
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a research machine
+import gradio as gr
+import jax
+import numpy as np
+from absl import app as absl_app, flags, logging as absl_logging
+from ml_collections import config_flags
+from PIL import Image
 
-import gradio as gr  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app as absl_app, flags, logging as absl_logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from bigr_jax import artifacts, demo, images as images_lib, parallel, typed_config  # noqa: E402
-from bigr_jax.data.transforms import center_crop_arr  # noqa: E402
-from bigr_jax.sampling import editing, run_sample, sampler  # noqa: E402
+from bigr_jax import artifacts, demo, images as images_lib, parallel, typed_config
+from bigr_jax.data.transforms import center_crop_arr
+from bigr_jax.sampling import editing, run_sample, sampler
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/demo.py", "A generator or demo config (with optional :args).",
@@ -46,14 +43,17 @@ DISPLAY_SIZE = 128  # small images are shown enlarged by a whole factor (nearest
 CSS = "#edit-picture img, #edit-mask img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 
 
-def class_names(gen_config, dataset: str) -> list:
-  """Names of the generator's classes: digits for the demo's datasets, ImageNet's for 1000 classes (the list
-  that ships with gradio), else the indices."""
-  if dataset in ("digits", "mnist"):
-    return [str(i) for i in range(gen_config.num_classes)]
-  if gen_config.num_classes == 1000:
+def class_names(num_classes: int) -> list:
+  """ImageNet's class names for 1000 classes (the list that ships with gradio), else the indices."""
+  if num_classes == 1000:
     return json.loads((importlib.resources.files("gradio") / "media_assets/data/imagenet_labels.json").read_text())
-  return [str(i) for i in range(gen_config.num_classes)]
+  return [str(i) for i in range(num_classes)]
+
+
+def _number(value, name: str, kind=float):
+  if value is None or value == "":
+    raise ValueError(f"set the {name}")
+  return kind(value)
 
 
 def enlarge(images) -> np.ndarray:
@@ -86,9 +86,8 @@ class Session:
     if config.get("family", None) == "demo":
       gen, gen_workdir = demo.generator_stage(config, workdir)
       self._held_out = demo.dataset_split(config, "test")
-      dataset = config.tokenizer.data.name
     else:
-      gen, gen_workdir, self._held_out, dataset = config, workdir, None, ""
+      gen, gen_workdir, self._held_out = config, workdir, None
     self.sampler_config, self.run = run_sample.sample_settings(gen.sample)
     self.edit = typed_config.from_section(run_sample.EditConfig, gen.edit, "config.edit")
     self.mesh = parallel.make_mesh(gen.mesh)
@@ -97,7 +96,7 @@ class Session:
     self.models = models._replace(generator_params=jax.device_put(models.generator_params, replicated),
                                   tokenizer_params=jax.device_put(models.tokenizer_params, replicated))
     self.num_classes = self.models.generator_config.num_classes
-    self.names = class_names(self.models.generator_config, dataset)
+    self.names = class_names(self.num_classes)
     self.image_size = self.models.tokenizer_config.img_size
     self.batch = parallel.round_up_to_shards(self.run.batch_size or 8, self.mesh)
     self.compiles = CompileCounter()
@@ -128,10 +127,15 @@ class Session:
     return np.asarray(ids, np.int32)
 
   def one_class(self, value) -> int:
-    return int(self.parse_classes(str(value))[0])
+    ids = self.parse_classes(str(value))
+    if len(ids) != 1:
+      raise ValueError(f"give one class here, not {len(ids)}")
+    return int(ids[0])
 
-  def sampler_settings(self, base: sampler.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> sampler.SamplerConfig:
-    return base.replace(num_iter=int(num_iter), cfg_scale=float(cfg_scale), gumbel_temp=float(gumbel_temp))
+  @staticmethod
+  def sampler_settings(base: sampler.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> sampler.SamplerConfig:
+    return base.replace(num_iter=_number(num_iter, "iterations", int), cfg_scale=_number(cfg_scale, "cfg scale"),
+                        gumbel_temp=_number(gumbel_temp, "gumbel temperature"))
 
   def held_out(self, index):
     """The dataset's held-out image `index` (the demo), or the config's `edit.image` (a generator config)."""
@@ -175,30 +179,31 @@ class Session:
       compiles, start = self.compiles.count, time.perf_counter()
       result, what = work()
       seconds, compiled = time.perf_counter() - start, self.compiles.count - compiles
-    return result, f"{what} in {seconds:.2f} s ({compiled} programs compiled)", seconds, compiled
+    return result, f"{what} in {seconds:.2f} s ({compiled} programs compiled)"
 
-  def generate(self, classes: str, per_class: int, num_iter, cfg_scale, gumbel_temp, seed: int):
+  def generate(self, classes: str, per_class, num_iter, cfg_scale, gumbel_temp, seed):
     """(grid, decoding-order strip) of `per_class` samples of each named class; a status line."""
-    labels = np.repeat(self.parse_classes(classes), int(per_class))
+    per_class, seed = _number(per_class, "images per class", int), _number(seed, "seed", int)
+    labels = np.repeat(self.parse_classes(classes), per_class)
     config = self.sampler_settings(self.sampler_config, num_iter, cfg_scale, gumbel_temp)
 
     def work():
       padded = np.pad(labels, (0, -len(labels) % self.batch), mode="edge")
-      out = run_sample.generate_images(self.models, padded, config, int(seed), self.mesh, self.batch)
+      out = run_sample.generate_images(self.models, padded, config, seed, self.mesh, self.batch)
       images, decoded_at = out.images[:len(labels)], out.decoded_at[:len(labels)]
-      grid = images_lib.make_grid(enlarge(images), nrow=int(per_class) if len(set(labels)) > 1 else 8)
+      grid = images_lib.make_grid(enlarge(images), nrow=per_class if len(set(labels)) > 1 else 8)
       strip = images_lib.decoding_strip(enlarge(images[:8]) / 255.0, decoded_at[:8], config.num_iter)
       return (grid, strip), f"{len(labels)} images"
 
     return self._timed(work)
 
   def edit_picture(self, picture, drawn, uploaded_mask, task: str, target_class, num_iter, cfg_scale, gumbel_temp,
-                   seed: int, clone: bool):
+                   seed, clone: bool):
     """Results of inpaint / outpaint / class edit on the picture, and (with `clone`) the same cloned into it."""
     image = self.picture(picture)
     mask = self.mask(picture, drawn, uploaded_mask)
     edit = dataclasses.replace(
-        self.edit, task=EDIT_TASKS[task], seed=int(seed), seamless_clone=bool(clone),
+        self.edit, task=EDIT_TASKS[task], seed=_number(seed, "seed", int), seamless_clone=bool(clone),
         batch=parallel.round_up_to_shards(EDIT_RESULTS, self.mesh),
         target_class=self.one_class(target_class) if EDIT_TASKS[task] == "edit" else self.edit.target_class)
     defaults = editing.TASK_SAMPLERS[edit.task]
@@ -218,10 +223,10 @@ class Session:
 
     return self._timed(work)
 
-  def interpolate(self, class_a, class_b, num_iter, cfg_scale, gumbel_temp, seed: int):
+  def interpolate(self, class_a, class_b, num_iter, cfg_scale, gumbel_temp, seed):
     """The original's interpolation strip from class A to class B."""
     edit = dataclasses.replace(self.edit, task="interpolate", class_a=self.one_class(class_a),
-                               class_b=self.one_class(class_b), seed=int(seed))
+                               class_b=self.one_class(class_b), seed=_number(seed, "seed", int))
     edit = dataclasses.replace(edit, sampler={**edit.sampler, **dataclasses.asdict(
         self.sampler_settings(editing.INTERPOLATE_CONFIG, num_iter, cfg_scale, gumbel_temp))})
 
@@ -240,7 +245,7 @@ def _guarded(session: "Session", method, outputs: int):
       session.requests += 1
       number = session.requests
     try:
-      result, status, _, _ = method(*args)
+      result, status = method(*args)
     except (ValueError, FileNotFoundError, ImportError) as e:
       return (*([None] * outputs), f"request {number}: **Error:** {e}")
     return (*(result if isinstance(result, tuple) else (result,)), f"request {number}: {status}")
@@ -259,7 +264,7 @@ def build_ui(session: Session) -> gr.Blocks:
               gr.Number(value=base.gumbel_temp, label="gumbel temperature", elem_id=f"{prefix}-gumbel"),
               gr.Number(value=0, precision=0, label="seed", elem_id=f"{prefix}-seed"))
 
-  with gr.Blocks(title="BiGR") as page:
+  with gr.Blocks(title="BiGR", analytics_enabled=False) as page:  # no calls home from a research machine
     gr.Markdown(f"## BiGR: {session.num_classes} classes, {session.image_size} px")
     with gr.Tab("Generate"):
       classes = gr.Textbox(label="classes (indices or names, comma-separated)", value="0", elem_id="gen-classes")
@@ -328,7 +333,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     session = Session(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # before serving (a damaged checkpoint too): one line, status 1
     raise SystemExit(f"error: {e}") from e
   page = build_ui(session)
   theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts to fetch

@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.request
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -24,7 +25,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bigr_jax import artifacts, demo, images as images_lib, typed_config
+from bigr_jax import app, artifacts, demo, images as images_lib, typed_config
+from bigr_jax.convert import generator_weights, io, tokenizer_weights
+from bigr_jax.models import bigr, tokenizer
+from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -214,3 +218,40 @@ def test_the_app_in_a_browser(quick_demo, tmp_path):
     driver.quit()
     server.terminate()
     server.wait(timeout=30)
+
+
+def test_the_app_without_weights_is_one_line_before_serving(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.app", "--config=configs/demo.py:quick",
+                           f"--workdir={tmp_path}", f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and "serving on" not in result.stdout
+  assert result.stderr.strip().splitlines()[-1].startswith(f"error: no weights at {tmp_path / 'generator'}")
+
+
+def test_a_generator_config_on_released_weights(tmp_path):
+  """The app's session on a generator config whose weights are released-layout PyTorch files (a generator .pt in
+  the "ema" wrapper, a B-AE .th), loaded the way --mode=sample loads them; a repeated request compiles nothing."""
+  config = typed_config.load_config_file("configs/bigr_l.py:runlocal")
+  bae_config = "configs/bae_d24.py:runlocal"
+  gen_model = GeneratorConfig.from_config(config.model)
+  tok_model = TokenizerConfig.from_config(typed_config.load_config_file(bae_config).model)
+  state_dict = generator_weights.flax_to_torch(nn.unbox(bigr.init_params(gen_model, jax.random.key(0))), gen_model)
+  io.write_state_dict(state_dict, tmp_path / "bigr.pt", wrap_key="ema", aliases=generator_weights.aliases(state_dict))
+  bae = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(tok_model, jax.random.key(1))), tok_model,
+                                       prefix="ae.")
+  io.write_state_dict(bae, tmp_path / "binaryae.th")
+  config.init_from = str(tmp_path / "bigr.pt")
+  config.tokenizer.update(config=bae_config, checkpoint=str(tmp_path / "binaryae.th"))
+  config.sample.update(infer_steps=2, batch_size=4)
+  session = app.Session(config, str(tmp_path / "no-workdir"))
+  (grid, strip), status = session.generate("1, 2", 1, 2, 2.0, 0.0, 0)
+  assert status.startswith("2 images in"), status
+  size = tok_model.img_size * max(1, app.DISPLAY_SIZE // tok_model.img_size)  # as shown
+  assert grid.shape == (2 * (size + 2) + 2, size + 4, 3)  # a row per class
+  assert strip.shape == grid.shape[:1] + (2 * (size + 2) + 2, 3)  # a column per iteration
+  (again, _), status = session.generate("2, 1, 1", 1, 2, 2.0, 0.0, 0)  # another count: the same padded batch
+  assert status.startswith("3 images in") and status.endswith("(0 programs compiled)"), status
+  with pytest.raises(ValueError, match="names no dataset images"):
+    session.held_out(0)
+  with pytest.raises(ValueError, match="give one class here, not 2"):
+    session.interpolate("1, 2", "3", 2, 2.0, 0.0, 0)
