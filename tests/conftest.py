@@ -1,5 +1,5 @@
 """Test setup: 8 fake CPU devices (for sharded paths), a persistent compilation cache, and the quick demo's
-workdir that the demo's and the app's tests share (both in xdist group "quick_demo", so one worker builds it once)."""
+workdir that the demo's and the app's tests share (built once per test run, whichever xdist worker asks first)."""
 
 import os
 import pathlib
@@ -10,6 +10,7 @@ from typing import NamedTuple
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -43,7 +44,14 @@ def run_quick_demo(workdir, *argv) -> str:
 
 
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory) -> QuickDemo:
-  """The quick demo, run once end to end (mark its users @pytest.mark.xdist_group("quick_demo"))."""
-  workdir = tmp_path_factory.mktemp("quick_demo") / "demo"
-  return QuickDemo(workdir, run_quick_demo(workdir))
+def quick_demo(tmp_path_factory, worker_id) -> QuickDemo:
+  """The quick demo, run end to end once per test run: the xdist workers share it through their common temporary
+  directory, and the first to ask builds it while the others wait. Its users add outputs but never change its
+  models or edit inputs."""
+  root = tmp_path_factory.getbasetemp()
+  root = root if worker_id == "master" else root.parent  # the run's own directory, above the workers'
+  workdir, stdout = root / "quick_demo", root / "quick_demo.stdout"
+  with filelock.FileLock(str(root / "quick_demo.lock")):
+    if not stdout.exists():
+      stdout.write_text(run_quick_demo(workdir))
+  return QuickDemo(workdir, stdout.read_text())

@@ -15,7 +15,6 @@ QUICK_ACCURACY = 0.25
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("quick_demo")
 def test_demo_then_every_mode_on_its_workdir(quick_demo):
   workdir, out = quick_demo
   summary = json.loads((workdir / "demo.json").read_text())
@@ -36,22 +35,19 @@ def test_demo_then_every_mode_on_its_workdir(quick_demo):
   assert grid.ndim == 3 and grid.shape[0] > grid.shape[1] / 20  # a PNG grid of 10 images
   assert np.load(workdir / "generator" / "samples" / "samples.npz")["arr_0"].shape == (10, 16, 16, 3)
 
-  run_quick_demo(workdir, "--mode=edit", "--config.generator.edit.batch=2", "--config.generator.edit.sampler.num_iter=3")
-  edited = np.load(workdir / "generator" / "edit" / "inpaint.npz")["arr_0"]
-  assert edited.shape == (2, 16, 16, 3)
+  # With seamless cloning into the digit, as the original's apps/inpaint.py ends: the results, and the same
+  # blended into the digit (its own pixels outside the mask).
+  run_quick_demo(workdir, "--mode=edit", "--config.generator.edit.batch=2", "--config.generator.edit.sampler.num_iter=3",
+                 "--config.generator.edit.seamless_clone=True")
+  saved = np.load(workdir / "generator" / "edit" / "inpaint.npz")
+  edited, cloned = saved["arr_0"].astype(float), saved["cloned"].astype(float)
+  assert edited.shape == cloned.shape == (2, 16, 16, 3)
   digit = np.asarray(Image.open(workdir / "edit_digit.png").convert("RGB")).astype(float)
   # The bottom half's tokens are given: the edits stay far closer to the digit there than free samples do
   # (measured: 31 vs 61 grey levels).
   samples = np.load(workdir / "samples.npz")["arr_0"].astype(float)
   kept, free = (np.abs(x[:, 8:] - digit[8:]).mean() for x in (edited, samples))
   assert kept < 0.75 * free, (kept, free)
-  # Cloned seamlessly into the digit, as the original's apps/inpaint.py ends: the same results, with the digit's
-  # own pixels outside the mask and a blend inside.
-  run_quick_demo(workdir, "--mode=edit", "--config.generator.edit.batch=2", "--config.generator.edit.sampler.num_iter=3",
-                 "--config.generator.edit.seamless_clone=True")
-  saved = np.load(workdir / "generator" / "edit" / "inpaint.npz")
-  np.testing.assert_array_equal(saved["arr_0"], edited.astype(np.uint8))  # the same seed: the same results
-  cloned = saved["cloned"].astype(float)
   np.testing.assert_array_equal(cloned[:, 8:], np.broadcast_to(digit[8:], cloned[:, 8:].shape))
   assert np.abs(cloned[:, :8] - edited[:, :8]).mean() > 1.0  # grey levels
 
