@@ -46,7 +46,7 @@ def _browser():
   missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
   if missing:
     pytest.fail(f"no headless browser: {', '.join(missing)} missing; install the Debian packages chromium and "
-                "chromium-driver (.ci/run does)")
+                "chromium-driver (the README's test command does)")
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp()}"):
