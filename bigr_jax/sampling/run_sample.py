@@ -237,9 +237,11 @@ def edit_images(models: artifacts.SamplingModels, edit: EditConfig, mesh, image=
     tokens = editing.pixel_mask_to_tokens(pixels, gen_config.grid_size)
     if not tokens.any():
       raise ValueError("the mask is empty: mark the region to regenerate (outpaint: to keep) in white")
-    task = {"inpaint": editing.inpaint, "outpaint": editing.outpaint,
-            "edit": functools.partial(editing.edit_class, target_class=edit.target_class)}[edit.task]
-    out = task(gen_config, gen_params, bits, tokens, key, **kwargs)
+    if edit.task == "edit":
+      out = editing.edit_class(gen_config, gen_params, bits, tokens, edit.target_class, key, **kwargs)
+    else:
+      task = editing.inpaint if edit.task == "inpaint" else editing.outpaint
+      out = task(gen_config, gen_params, bits, tokens, key, **kwargs)
     out_bits, decoded_at = out.bits, np.asarray(out.decoded_at)
   images = decode_bits(tok_config, models.tokenizer_params, np.asarray(out_bits)[:count])
   cloned = None
