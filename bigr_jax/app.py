@@ -30,11 +30,6 @@ from bigr_jax.data.transforms import center_crop_arr
 from bigr_jax.sampling import editing, run_sample, sampler
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/demo.py", "A generator or demo config (with optional :args).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "The run's workdir (the demo's, or a generator's).")
-flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.")
-flags.mark_flags_as_required(["workdir"])
 
 EDIT_TASKS = {"inpaint": "inpaint", "outpaint": "outpaint", "class edit": "edit"}
 EDIT_RESULTS = 4  # results per edit request
@@ -342,5 +337,15 @@ def main(argv):
                                                  ssr_mode=False, quiet=True, footer_links=[])
 
 
+def _define_flags():
+  """Defined only when the app runs, so that importing it beside `bigr_jax.main` (whose flags share names) works."""
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "A generator or demo config (with optional :args).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's workdir (the demo's, or a generator's).")
+  flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.")
+  flags.mark_flags_as_required(["workdir"])
+
+
 if __name__ == "__main__":
+  _define_flags()
   absl_app.run(main)
