@@ -2,14 +2,16 @@
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU), `tpu=v5e`
 (16 GiB chips: full remat, splash attention and every chip's share of params, EMA and optimizer state; the
-default, "dots" remat with replicated state, needs 45 GiB of temporaries on v5e-32 at batch 512; the README's TPU
-section has the variant's figures).
+default, "dots" remat with replicated state, needs 45 GiB of temporaries on v5e-32 at batch 512), `tpu=v4|v5p|v6e`
+(the same settings, as compiled to fit v4-32, v5p-32 and v6e-16 at batch 512). The README's TPU section has the
+variants' figures.
 Example: python -m bigr_jax.main --config=configs/bigr_xxl.py:bits=24 --workdir=/mnt/bucket/bigr_xxl
 """
 
 from bigr_jax import config_lib
 
-TPU_VARIANTS = {"v5e": {"model": {"remat_policy": "full", "attention": "splash"}, "mesh": {"data": 1, "fsdp": -1}}}
+TPU_VARIANTS = dict.fromkeys(("v5e", "v4", "v5p", "v6e"), {"model": {"remat_policy": "full", "attention": "splash"},
+                                                           "mesh": {"data": 1, "fsdp": -1}})
 
 
 def get_config(arg=None):

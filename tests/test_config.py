@@ -72,8 +72,13 @@ def test_the_tpu_variant_is_the_setting_that_compiles_to_fit():
   assert (xl.model.remat_policy, xl.mesh.data, xl.mesh.fsdp) == ("full", 1, -1)
   v6e = parse(config="configs/bigr_l.py:tpu=v6e")
   assert (v6e.model.remat_policy, v6e.mesh.data, v6e.mesh.fsdp) == ("dots", 1, -1)
-  with pytest.raises(flags.IllegalFlagValueError, match="tpu=.v4.: the variants are tpu=v5e"):
-    parse(config="configs/bigr_xxl.py:tpu=v4")
+  for name in ("bigr_xl", "bigr_xxl"):  # the 16 GiB settings also fit the 16-chip slices of v4, v5p and v6e
+    variants = [parse(config=f"configs/{name}.py:tpu={tpu}") for tpu in ("v5e", "v4", "v5p", "v6e")]
+    assert all(v.model == variants[0].model and v.mesh == variants[0].mesh for v in variants)
+  v4 = parse(config="configs/bigr_l.py:tpu=v4")
+  assert v4.model == v6e.model and v4.mesh == v6e.mesh
+  with pytest.raises(flags.IllegalFlagValueError, match="tpu=.v3.: the variants are tpu=v5e, tpu=v4"):
+    parse(config="configs/bigr_xxl.py:tpu=v3")
 
 
 def test_unknown_keys_are_errors_that_name_them():
