@@ -136,6 +136,7 @@ def _reconstruction_error(workdir, digit: np.ndarray, rows: slice) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_demo")  # with the demo's test: the other worker never waits for the demo
 def test_the_app_in_a_browser(quick_demo, tmp_path):
   workdir = quick_demo.workdir
   digit_path, mask_path = workdir / demo.EDIT_IMAGE, workdir / demo.EDIT_MASK  # a held-out digit; its top half

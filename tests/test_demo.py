@@ -15,6 +15,7 @@ QUICK_ACCURACY = 0.25
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("quick_demo")  # with the app's test: the other worker never waits for the demo
 def test_demo_then_every_mode_on_its_workdir(quick_demo):
   workdir, out = quick_demo
   summary = json.loads((workdir / "demo.json").read_text())
