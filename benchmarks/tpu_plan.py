@@ -24,7 +24,8 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-SLICES = {"v5e-32": "v5e:4x8", "v4-32": "v4:2x2x4", "v5p-32": "v5p:2x2x4", "v6e-16": "v6e:4x4", "v5e-8": "v5e:2x4"}
+SLICES = {"v5e-32": "v5e:4x8", "v4-32": "v4:2x2x4", "v5p-32": "v5p:2x2x4", "v6e-16": "v6e:4x4", "v5e-8": "v5e:2x4",
+          "v5p-8": "v5p:2x2x1"}
 CONFIGS = ("bigr_l.py", "bigr_xl.py", "bigr_xxl.py", "bigr_l_512.py", "bae_d24.py", "bae_d32.py", "bae_d32_512.py")
 IMAGENET_TRAIN = 1_281_167
 FID_SAMPLES = 50_000
