@@ -283,6 +283,8 @@ def suggestions(config, family: str, mesh) -> list:
   out = []
   if family == "generator" and config.model.remat_policy != "full":
     out.append(f"--config.model.remat_policy=full (now {config.model.remat_policy!r}): recompute activations")
+  if family == "tokenizer" and not config.model.remat:
+    out.append("--config.model.remat=True: recompute each residual and attention block's activations")
   shards = parallel.batch_shards(mesh)
   if config.batch_size // shards > 1 and (config.batch_size // 2) % shards == 0:
     out.append(f"--config.batch_size={config.batch_size // 2} --config.optim.grad_accum_steps="

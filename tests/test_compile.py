@@ -127,3 +127,11 @@ def test_collectives_are_read_from_the_compiled_hlo_with_the_bytes_each_chip_sen
   assert found["all-reduce"] == {"count": 1, "bytes": 2 * (2 * 64 * 4) * 3 / 4}
   assert found["reduce-scatter"] == {"count": 1, "bytes": 8 * 4 * 3}
   assert "add" not in found
+
+
+def test_a_tokenizer_that_does_not_fit_is_told_to_remat_its_blocks():
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", "bae_d32_512.py"))
+  mesh = parallel.make_mesh(config.mesh)
+  assert aot.suggestions(config, "tokenizer", mesh)[0].startswith("--config.model.remat=True")
+  config.model.remat = True
+  assert not any("remat" in s for s in aot.suggestions(config, "tokenizer", mesh))

@@ -451,3 +451,22 @@ def test_runs_sharded_on_a_mesh():
   images = jax.device_put(jnp.ones((4, 16, 16, 3)) * 0.5, parallel.batch_sharding(mesh, 4))
   recon, aux = jax.jit(lambda p, x: model.apply(p, x, deterministic=True))({"params": params}, images)
   assert recon.shape == (4, 16, 16, 3) and aux["bits"].shape == (4, TINY.latent_size, TINY.latent_size, 8)
+
+
+def test_remat_keeps_gradients_and_saves_fewer_activations():
+  """`remat=True` recomputes each residual and attention block in the backward pass: the same gradients, and
+  far fewer bytes kept from the forward pass for it (the residuals `jax.vjp` holds). The TPU compiler agrees:
+  this model's backward at 64 px, batch 8, needs 142 MiB of temporaries on v5e with remat, 285 without."""
+  config = TINY_MID_ONLY.replace(deterministic=True)
+  params = nn.meta.unbox(tokenizer.init_params(config, jax.random.key(0)))
+  images = jax.random.uniform(jax.random.key(1), (4, config.img_size, config.img_size, 3))
+  grads, kept = {}, {}
+  for remat in (False, True):
+    model = tokenizer.BinaryAutoEncoder(config.replace(remat=remat))
+    loss = lambda p: jnp.abs(model.apply({"params": p}, images)[0] - images).mean()  # noqa: E731,B023
+    pullback = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)  # noqa: B023 (shapes only, no compute)
+    kept[remat] = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(pullback))
+    grads[remat] = jax.jit(jax.grad(loss))(params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[True], grads[False])
+  assert float(max(np.abs(g).max() for g in jax.tree_util.tree_leaves(grads[False]))) > 0
+  assert kept[True] < 0.25 * kept[False], kept  # 12 MB against 71 MB measured

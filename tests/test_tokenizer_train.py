@@ -149,3 +149,17 @@ def test_step_decay_schedule_is_the_original_piecewise_constant():
   schedule = state_lib.learning_rate_schedule(optim, total_steps=1_000_000)
   assert float(schedule(1_499_999)) == pytest.approx(optim.lr)
   assert float(schedule(1_500_000)) == pytest.approx(optim.lr * 0.1)
+
+
+def test_remat_from_the_config_reaches_the_train_step():
+  """`config.model.remat=True` puts the blocks of the trainer's step under jax.checkpoint (its effect on
+  gradients and memory: tests/test_tokenizer.py)."""
+  checkpointed = {}
+  for remat in (False, True):
+    config = local_config()
+    config.model.remat = remat
+    trainer = tokenizer_train.TokenizerTrainer(config, parallel.make_mesh(config.mesh), total_steps=10)
+    images = jax.ShapeDtypeStruct((config.batch_size, config.model.img_size, config.model.img_size, 3), np.float32)
+    jaxpr = jax.make_jaxpr(trainer._train_step)(trainer.abstract_state, {"image": images}, jax.random.key(0))  # pylint: disable=protected-access
+    checkpointed[remat] = str(jaxpr).count("prevent_cse=")  # a parameter of each remat (checkpoint) call
+  assert checkpointed[False] == 0 and checkpointed[True] > 0, checkpointed

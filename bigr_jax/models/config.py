@@ -143,6 +143,9 @@ class TokenizerConfig:
   deterministic: bool = False
   quantizer: str = "binary"
   dtype: str = "float32"  # compute dtype; params, norms and bit probabilities stay float32
+  # Training memory: keep only each residual and attention block's input and recompute the rest in the backward
+  # pass (our addition; results are unchanged).
+  remat: bool = False
 
   def __post_init__(self):
     # Lists from a config file or a recorded hparams string become tuples, so the config stays hashable.

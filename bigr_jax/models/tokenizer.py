@@ -159,8 +159,10 @@ class Upsample(nn.Module):
     return conv(x.shape[-1], 3, "conv", self.dtype)(x)
 
 
-def _run_blocks(layout, x, dtype, start: int = 0):
-  """Applies a block list; modules are named `blocks_i` after the original's `blocks.i` (i from `start`)."""
+def _run_blocks(layout, x, dtype, remat: bool, start: int = 0):
+  """Applies a block list; modules are named `blocks_i` after the original's `blocks.i` (i from `start`).
+  `remat`: residual and attention blocks recompute their activations in the backward pass."""
+  res_block, attn_block = (nn.remat(ResBlock), nn.remat(AttnBlock)) if remat else (ResBlock, AttnBlock)
   for index, (kind, _, out_channels) in enumerate(layout, start):
     name = f"blocks_{index}"
     if kind in ("conv_in", "conv_out"):
@@ -168,9 +170,9 @@ def _run_blocks(layout, x, dtype, start: int = 0):
     elif kind == "norm":
       x = group_norm(name)(x).astype(dtype)
     elif kind == "res":
-      x = ResBlock(out_channels, dtype, name=name)(x)
+      x = res_block(out_channels, dtype, name=name)(x)
     elif kind == "attn":
-      x = AttnBlock(dtype, name=name)(x)
+      x = attn_block(dtype, name=name)(x)
     elif kind == "down":
       x = Downsample(dtype, name=name)(x)
     elif kind == "up":
@@ -187,7 +189,7 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, images):
     return _run_blocks(encoder_layout(self.config), images.astype(self.config.compute_dtype),
-                       self.config.compute_dtype)
+                       self.config.compute_dtype, self.config.remat)
 
 
 class Decoder(nn.Module):
@@ -203,11 +205,11 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     layout = decoder_layout(cfg)
-    h = _run_blocks(layout[:-2], features.astype(dtype), dtype)
+    h = _run_blocks(layout[:-2], features.astype(dtype), dtype, cfg.remat)
     if self.is_initializing():
       channels = h.shape[-1]
       conv(cfg.n_channels, 1, "logsigma_2", dtype)(nn.relu(conv(channels, 3, "logsigma_0", dtype)(h)))
-    return _run_blocks(layout[-2:], h, dtype, start=len(layout) - 2)
+    return _run_blocks(layout[-2:], h, dtype, cfg.remat, start=len(layout) - 2)
 
 
 def straight_through_bits(bit_probs, key: Optional[jax.Array], deterministic: bool):
