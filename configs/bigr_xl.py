@@ -11,9 +11,9 @@ Example: python -m bigr_jax.main --config=configs/bigr_xl.py:bits=24 --workdir=/
 from bigr_jax import config_lib
 
 # XLA attention: with splash the compiled step's HBM-traffic bound is 2.6% higher (README, TPU section).
-TPU_VARIANTS = dict.fromkeys(("v5e", "v4", "v6e"),
-                             {"model": {"remat_policy": "full"}, "mesh": {"data": 1, "fsdp": -1}})
-TPU_VARIANTS["v5p"] = {"model": {"remat_policy": "dots"}, "mesh": {"data": 1, "fsdp": -1}}
+FSDP_OVER_EVERY_CHIP = {"data": 1, "fsdp": -1}
+TPU_VARIANTS = dict.fromkeys(("v5e", "v4", "v6e"), {"model": {"remat_policy": "full"}, "mesh": FSDP_OVER_EVERY_CHIP})
+TPU_VARIANTS["v5p"] = {"model": {"remat_policy": "dots"}, "mesh": FSDP_OVER_EVERY_CHIP}
 
 
 def get_config(arg=None):
