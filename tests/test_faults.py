@@ -34,31 +34,62 @@ def _convert(*argv, devices: int):
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A 4.5 MiB tmpfs: room for the runlocal generator's first checkpoint (3.0 MiB on tmpfs, which rounds each of
-  its many small files up to a page) with 1.5 MiB to spare, not for a second."""
-  path = tmp_path / "disk"
+def _tmpfs(path, size: str):
   path.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4608k", "tmpfs", str(path)], capture_output=True)
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
   if mounted.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-  yield path
-  subprocess.run(["umount", "-l", str(path)], check=False)
+  return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4.5 MiB tmpfs."""
+  yield _tmpfs(tmp_path / "disk", "4608k")
+  subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+
+
+@pytest.fixture
+def disk(tmp_path):
+  """A 64 MiB tmpfs, room for many checkpoints until the test fills it."""
+  yield _tmpfs(tmp_path / "disk", "64m")
+  subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+
+
+def _fill_once_a_checkpoint_is_saved(disk_path, checkpoints, leave: int, stop: threading.Event):
+  """Fills the disk to `leave` free bytes as soon as the first checkpoint is finished: what another job writing
+  to the same disk does. (Sizing the disk to the first checkpoint instead was flaky: a checkpoint's footprint on
+  tmpfs varies by about 130 KiB from save to save.)"""
+  while not stop.wait(0.02):
+    if params_io.finished_steps(checkpoints):
+      free = os.statvfs(disk_path).f_bavail * os.statvfs(disk_path).f_frsize
+      with open(disk_path / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(free - leave, 1))
+      return
 
 
 @pytest.mark.parametrize("tensorboard", [True, False], ids=["tensorboard", "jsonl_only"])
-def test_a_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(small_disk, tmp_path, tensorboard):
-  workdir = small_disk / "run"
-  result = _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=100000", "--config.log_every=1",
-                 "--config.checkpoint_every=2", f"--config.tensorboard={tensorboard}", timeout=240)
+def test_a_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(disk, tmp_path, tensorboard):
+  workdir = disk / "run"
+  # 1 MiB is left: room for the metrics of the few steps until the next save, not for a checkpoint (3.7 MiB).
+  stop = threading.Event()
+  filler = threading.Thread(target=_fill_once_a_checkpoint_is_saved,
+                            args=(disk, workdir / "checkpoints", 2**20, stop), daemon=True)
+  filler.start()
+  try:
+    result = _main(GENERATOR, f"--workdir={workdir}", "--config.total_steps=100000", "--config.log_every=1",
+                   "--config.checkpoint_every=2", f"--config.tensorboard={tensorboard}", timeout=240)
+  finally:
+    stop.set()
+    filler.join()
   out = result.stdout + result.stderr
+  assert (disk / "filler").exists(), out[-3000:]
   assert result.returncode == 1, out[-3000:]
   last = result.stdout.strip().splitlines()[-1]  # (orbax's own logs of the failure go to stderr)
   assert last.startswith("error: checkpoint save failed") and "No space left on device" in last, last
-  assert "The last good checkpoint is step" in last
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved and "step 100000" not in out
+  assert saved and f"The last good checkpoint is step {saved[-1]};" in last, (saved, last)
+  assert "step 100000" not in out
   # The last good checkpoint is whole: it equals an uninterrupted run's state at that step, bit for bit.
   reference = tmp_path / "reference"
   assert _main(GENERATOR, f"--workdir={reference}", f"--config.total_steps={saved[-1]}",
