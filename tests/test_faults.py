@@ -1,8 +1,10 @@
 """Faults around checkpoints, through the command line: a full disk, leftovers of a killed save, and a workdir
 read on another device count than the one it was trained on."""
 
+import contextlib
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,26 +36,31 @@ def _convert(*argv, devices: int):
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+@contextlib.contextmanager
 def _tmpfs(path, size: str):
+  """A tmpfs of `size` mounted at `path` for the block's duration."""
   path.mkdir()
   mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
   if mounted.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-  return path
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture
 def small_disk(tmp_path):
   """A 4.5 MiB tmpfs."""
-  yield _tmpfs(tmp_path / "disk", "4608k")
-  subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+  with _tmpfs(tmp_path / "disk", "4608k") as path:
+    yield path
 
 
 @pytest.fixture
 def disk(tmp_path):
   """A 64 MiB tmpfs, room for many checkpoints until the test fills it."""
-  yield _tmpfs(tmp_path / "disk", "64m")
-  subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+  with _tmpfs(tmp_path / "disk", "64m") as path:
+    yield path
 
 
 def _fill_once_a_checkpoint_is_saved(disk_path, checkpoints, leave: int, stop: threading.Event):
@@ -62,7 +69,7 @@ def _fill_once_a_checkpoint_is_saved(disk_path, checkpoints, leave: int, stop: t
   tmpfs varies by about 130 KiB from save to save.)"""
   while not stop.wait(0.02):
     if params_io.finished_steps(checkpoints):
-      free = os.statvfs(disk_path).f_bavail * os.statvfs(disk_path).f_frsize
+      free = shutil.disk_usage(disk_path).free
       with open(disk_path / "filler", "wb") as f:
         os.posix_fallocate(f.fileno(), 0, max(free - leave, 1))
       return
@@ -87,7 +94,7 @@ def test_a_full_disk_stops_the_run_at_once_and_keeps_the_last_checkpoint(disk, t
   assert result.returncode == 1, out[-3000:]
   last = result.stdout.strip().splitlines()[-1]  # (orbax's own logs of the failure go to stderr)
   assert last.startswith("error: checkpoint save failed") and "No space left on device" in last, last
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = params_io.finished_steps(workdir / "checkpoints")
   assert saved and f"The last good checkpoint is step {saved[-1]};" in last, (saved, last)
   assert "step 100000" not in out
   # The last good checkpoint is whole: it equals an uninterrupted run's state at that step, bit for bit.
