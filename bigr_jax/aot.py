@@ -303,8 +303,9 @@ def compile_family(config, family: str, compile_config: chips.CompileConfig) -> 
   shards = parallel.batch_shards(mesh)
   if config.batch_size % shards:  # before any compile: no program of this run could be built
     raise ValueError(f"batch_size={config.batch_size} does not split over the {shards} batch shards of "
-                     f"{len(devices)} chips (mesh {dict(mesh.shape)}): use a multiple of {shards}, or a slice "
-                     "whose batch shards divide it")
+                     f"{len(devices)} chips (mesh {dict(mesh.shape)}): use a multiple of {shards}"
+                     + (f" (the B-AE configs' `:chips={shards}`)" if family == "tokenizer" else "")
+                     + ", or a slice whose batch shards divide it")
   chip = chips.chip_of(devices[0])
   results = [analyse(program, devices) for program in PROGRAMS[family](config, mesh)]
   return dict(family=family, topology=compile_config.topology or "local", num_slices=compile_config.num_slices,

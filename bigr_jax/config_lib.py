@@ -111,14 +111,18 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
   """A B-AE config: the original's architecture and Binary Latent Diffusion's recipe as far as it is known.
 
   Arguments: `runlocal` (a tiny autoencoder on the embedded digits, for a CPU), `quantizer=binary|lfq`
-  (lfq is our own variant). BiGR's exact B-AE batch and schedule were not released.
+  (lfq is our own variant), `chips=N` (BLD's 3 images per GPU on N chips: batch 3N, default 8, i.e. 24; BLD's
+  learning rate is set by the per-GPU batch, so it is unchanged). BiGR's exact B-AE batch and schedule were not
+  released.
   """
-  arg = parse_arg(arg, runlocal=False, quantizer="binary")
+  arg = parse_arg(arg, runlocal=False, quantizer="binary", chips=8)
+  if arg.chips < 1:
+    raise ValueError(f"chips={arg.chips}: the number of chips the batch of 3 per chip spans, at least 1")
   c = ml_collections.ConfigDict()
   _training_fields(c, "tokenizer")
   c.model = typed_config.to_section(TokenizerConfig(codebook_size=bits, img_size=image_size, quantizer=arg.quantizer,
                                                     dtype="bfloat16"))
-  c.batch_size = 24  # BLD runs 3 per GPU (here 8 x 3)
+  c.batch_size = 3 * arg.chips  # BLD runs 3 per GPU, on 8 GPUs by default
   c.total_steps = total_steps
   # BLD: lr = 4.5e-6 x per-GPU batch (3); x0.1 at 1.5M
   c.optim = typed_config.to_section(state.OptimConfig(
@@ -137,6 +141,8 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
   c.encode_batch_size = 64
   c.encode_flipped = True
   if arg.runlocal:
+    if arg.chips != 8:
+      raise ValueError(f"chips={arg.chips} sets the full-size B-AE's batch; runlocal has its own (8)")
     # 3 downsamplings of the digits at 32 px (64 px for the 512 model): attention at the last level.
     local_size = 32 * image_size // 256
     c.model.update(img_size=local_size, nf=32, ch_mult=(1, 1, 2, 2), res_blocks=1, attn_resolutions=(4,),

@@ -88,6 +88,25 @@ def test_a_batch_the_chips_cannot_split_is_a_usage_error_before_any_compile(tmp_
   assert "batch_size=6 does not split over the 4 batch shards of 4 chips" in result.stdout + result.stderr
 
 
+def test_the_b_ae_batch_spans_the_16_and_32_chip_slices_through_its_chips_argument():
+  _needs_libtpu()
+  shipped = config_lib.load_config_file(os.path.join(ROOT, "configs/bae_d24.py"))
+  with pytest.raises(ValueError, match=r"batch_size=24 does not split over the 32 batch shards of 32 chips .*"
+                                       r"\(the B-AE configs' `:chips=32`\)"):
+    aot.compile_family(shipped, "tokenizer", chips.CompileConfig(topology="v5e:4x8"))  # refused before compiling
+  for name in ("bae_d24", "bae_d32", "bae_d32_512"):
+    for topology, chip_count in (("v5e:4x8", 32), ("v6e:4x4", 16), ("v5p:2x2x4", 16)):
+      config = config_lib.load_config_file(os.path.join(ROOT, f"configs/{name}.py:chips={chip_count}"))
+      devices = chips.target_devices(chips.CompileConfig(topology=topology))
+      shards = parallel.batch_shards(parallel.make_mesh(config.mesh, devices))
+      assert config.batch_size == 3 * shards == 3 * len(devices)  # BLD's 3 images per GPU, on every chip
+      assert config.optim.lr == shipped.optim.lr  # BLD's rate follows the per-GPU batch
+  with pytest.raises(ValueError, match="chips=0: the number of chips"):
+    config_lib.load_config_file(os.path.join(ROOT, "configs/bae_d24.py:chips=0"))
+  with pytest.raises(ValueError, match="runlocal has its own"):
+    config_lib.load_config_file(os.path.join(ROOT, "configs/bae_d24.py:runlocal,chips=16"))
+
+
 def test_argument_bytes_are_the_sharded_state_and_batch():
   """On this host's 8 devices (no tile padding): the train step's arguments per device are exactly the
   state (params, EMA, optimizer moments) as its shardings split it, plus the batch shard and the key."""
