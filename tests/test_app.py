@@ -30,6 +30,7 @@ from bigr_jax.convert import generator_weights, io as convert_io, tokenizer_weig
 from bigr_jax.models import bigr, tokenizer
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
+from conftest import user_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "test-artifacts" / "app"
@@ -65,7 +66,7 @@ def _serve(workdir, port: int) -> subprocess.Popen:
   log = open(workdir / "app.log", "w")  # pylint: disable=consider-using-with
   server = subprocess.Popen([sys.executable, "-m", "bigr_jax.app", "--config=configs/demo.py:quick",
                              f"--workdir={workdir}", f"--port={port}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            env=user_env())
   deadline = time.time() + 240
   while time.time() < deadline:
     assert server.poll() is None, (workdir / "app.log").read_text()[-3000:]

@@ -174,6 +174,9 @@ def test_logged_metrics_average_the_steps_since_the_last_report():
   averages.add(steps[0])
   assert averages.pop() == pytest.approx(steps[0])  # a new window after each report
   assert averages.pop() == {}
+  averages.add(steps[0])
+  with pytest.raises(ValueError, match=r"metrics \['loss'\] differ from this window's \['bit_accuracy', 'loss'\]"):
+    averages.add({"loss": np.float32(1.0)})
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
