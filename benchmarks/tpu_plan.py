@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/tpu_plan.py                                 # every config on every slice (hours)
   .venv/bin/python benchmarks/tpu_plan.py --configs=bigr_l.py,bigr_xxl.py --slices=v5e-32
+  .venv/bin/python benchmarks/tpu_plan.py --configs=bae_d32.py:chips=16 --slices=v5p-32  # a B-AE on 16 chips
 
 Each (config, slice) is one `python -m bigr_jax.main --mode=compile` in a subprocess (libtpu's compiler on this
 host, nothing allocated), at the config's own batch and mesh (`--set` adds overrides to every run, e.g.
