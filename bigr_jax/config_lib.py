@@ -107,6 +107,9 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+BLD_PER_GPU_BATCH, BLD_GPUS = 3, 8  # Binary Latent Diffusion's B-AE recipe: 3 images on each of 8 GPUs
+
+
 def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None) -> ml_collections.ConfigDict:
   """A B-AE config: the original's architecture and Binary Latent Diffusion's recipe as far as it is known.
 
@@ -115,20 +118,20 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
   learning rate is set by the per-GPU batch, so it is unchanged). BiGR's exact B-AE batch and schedule were not
   released.
   """
-  arg = parse_arg(arg, runlocal=False, quantizer="binary", chips=8)
+  arg = parse_arg(arg, runlocal=False, quantizer="binary", chips=BLD_GPUS)
   if arg.chips < 1:
-    raise ValueError(f"chips={arg.chips}: the number of chips the batch of 3 per chip spans, at least 1")
+    raise ValueError(f"chips={arg.chips}: the number of chips the batch of {BLD_PER_GPU_BATCH} per chip spans, at "
+                     "least 1")
   c = ml_collections.ConfigDict()
   _training_fields(c, "tokenizer")
   c.model = typed_config.to_section(TokenizerConfig(codebook_size=bits, img_size=image_size, quantizer=arg.quantizer,
                                                     dtype="bfloat16"))
-  c.batch_size = 3 * arg.chips  # BLD runs 3 per GPU, on 8 GPUs by default
+  c.batch_size = BLD_PER_GPU_BATCH * arg.chips
   c.total_steps = total_steps
-  # BLD: lr = 4.5e-6 x per-GPU batch (3); x0.1 at 1.5M
+  lr = 4.5e-6 * BLD_PER_GPU_BATCH  # BLD's rule, by the per-GPU batch; x0.1 at 1.5M
   c.optim = typed_config.to_section(state.OptimConfig(
-      name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999, grad_clip=0.0, schedule="step", decay_step=1_500_000))
-  c.disc_optim = typed_config.to_section(state.OptimConfig(name="adam", lr=4.5e-6 * 3, b1=0.9, b2=0.999,
-                                                           grad_clip=0.0))
+      name="adam", lr=lr, b1=0.9, b2=0.999, grad_clip=0.0, schedule="step", decay_step=1_500_000))
+  c.disc_optim = typed_config.to_section(state.OptimConfig(name="adam", lr=lr, b1=0.9, b2=0.999, grad_clip=0.0))
   c.ema_decay = 0.995
   c.ema_every = 10
   c.loss = ml_collections.ConfigDict(dict(
@@ -141,7 +144,7 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
   c.encode_batch_size = 64
   c.encode_flipped = True
   if arg.runlocal:
-    if arg.chips != 8:
+    if arg.chips != BLD_GPUS:
       raise ValueError(f"chips={arg.chips} sets the full-size B-AE's batch; runlocal has its own (8)")
     # 3 downsamplings of the digits at 32 px (64 px for the 512 model): attention at the last level.
     local_size = 32 * image_size // 256

@@ -95,9 +95,9 @@ def test_the_b_ae_batch_spans_the_16_and_32_chip_slices_through_its_chips_argume
                                        r"\(the B-AE configs' `:chips=32`\)"):
     aot.compile_family(shipped, "tokenizer", chips.CompileConfig(topology="v5e:4x8"))  # refused before compiling
   for name in ("bae_d24", "bae_d32", "bae_d32_512"):
-    for topology, chip_count in (("v5e:4x8", 32), ("v4:2x2x4", 16), ("v5p:2x2x4", 16), ("v6e:4x4", 16)):
-      config = config_lib.load_config_file(os.path.join(ROOT, f"configs/{name}.py:chips={chip_count}"))
+    for topology in ("v5e:4x8", "v4:2x2x4", "v5p:2x2x4", "v6e:4x4"):  # 32 chips, then 16 of each
       devices = chips.target_devices(chips.CompileConfig(topology=topology))
+      config = config_lib.load_config_file(os.path.join(ROOT, f"configs/{name}.py:chips={len(devices)}"))
       shards = parallel.batch_shards(parallel.make_mesh(config.mesh, devices))
       assert config.batch_size == 3 * shards == 3 * len(devices)  # BLD's 3 images per GPU, on every chip
       assert config.optim.lr == shipped.optim.lr  # BLD's rate follows the per-GPU batch
