@@ -2,9 +2,10 @@
 
 Arguments: `bits=24|32` (B-AE code width), `runlocal` (a tiny model on synthetic codes, for a CPU), `tpu=v5e`
 (16 GiB chips: full remat, params, EMA and optimizer state sharded over every chip; as shipped
-it needs 36 GiB of temporaries on v5e-32 at batch 512), `tpu=v4|v6e` (the same settings, as compiled to fit
-v4-32 and v6e-16 at batch 512), `tpu=v5p` (95 GiB chips: "dots" remat, state over every chip; 24 GiB on v5p-32,
-4% below full remat's HBM-traffic bound). The README's TPU section has the variants' figures.
+it needs 36 GiB of temporaries on v5e-32 at batch 512), `tpu=v6e` (the same settings, as compiled to fit v6e-16
+at batch 512; "dots" remat there raises the HBM-traffic bound 13%), `tpu=v4|v5p` ("dots" remat, state over every
+chip: 24 GiB on v4-32 and v5p-32, 6% and 4% below full remat's HBM-traffic bound). The README's TPU section has
+the variants' figures.
 Example: python -m bigr_jax.main --config=configs/bigr_xl.py:bits=24 --workdir=/mnt/bucket/bigr_xl
 """
 
@@ -12,8 +13,8 @@ from bigr_jax import config_lib
 
 # XLA attention: with splash the compiled step's HBM-traffic bound is 2.6% higher (README, TPU section).
 FSDP_OVER_EVERY_CHIP = {"data": 1, "fsdp": -1}
-TPU_VARIANTS = dict.fromkeys(("v5e", "v4", "v6e"), {"model": {"remat_policy": "full"}, "mesh": FSDP_OVER_EVERY_CHIP})
-TPU_VARIANTS["v5p"] = {"model": {"remat_policy": "dots"}, "mesh": FSDP_OVER_EVERY_CHIP}
+TPU_VARIANTS = {**dict.fromkeys(("v5e", "v6e"), {"model": {"remat_policy": "full"}, "mesh": FSDP_OVER_EVERY_CHIP}),
+                **dict.fromkeys(("v4", "v5p"), {"model": {"remat_policy": "dots"}, "mesh": FSDP_OVER_EVERY_CHIP})}
 
 
 def get_config(arg=None):

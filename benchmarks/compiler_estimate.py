@@ -1,0 +1,77 @@
+"""The TPU compiler's own time estimate (`cost_analysis()["optimal_seconds"]`), and why `--mode=compile` does
+not report it.
+
+  .venv/bin/python benchmarks/compiler_estimate.py                     # attention, then BiGR-L's step at 1, 2, 4 blocks
+  .venv/bin/python benchmarks/compiler_estimate.py --blocks=            # attention only (seconds)
+
+Compiled by libtpu for a v5e topology from this host (nothing runs on a TPU). Two kinds of program:
+- attention as the model's `xla` path computes it (softmax(q k^T) v, bfloat16, 16 heads of 64, 257 tokens) on one
+  chip, at several batch sizes;
+- the generator's train step of `--config` at `--per_chip` images per chip on `--topology`, its blocks unrolled
+  at each of `--blocks`, and scanned at the last.
+For each it prints the estimate, the fraction left after adding back one second per whole negative second, and
+the compiled FLOPs. The estimate turns negative in whole steps of about -1 s as the programs grow: the
+compiler counts some ops it cannot cost as -1 s, and says nothing of which, so neither the estimate nor a sum
+of parts' estimates by trip count is a step time. Prints one JSON line; progress on stderr.
+"""
+
+import argparse
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from bigr_jax import chips, parallel
+from bigr_jax.config_lib import load_config_file
+from bigr_jax.train.generator import GeneratorTrainer
+
+
+def estimate(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  seconds = float(cost["optimal_seconds"])
+  return dict(optimal_seconds=seconds, fraction_above_whole_seconds=seconds - math.floor(seconds),
+              flops=float(cost.get("flops", 0.0)))
+
+
+def attention(q, k, v):
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits).astype(q.dtype), v)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--topology", default="v5e:2x2")
+  parser.add_argument("--attention_batches", default="1,2,16")
+  parser.add_argument("--config", default="configs/bigr_l.py:tpu=v5e")
+  parser.add_argument("--per_chip", type=int, default=16)
+  parser.add_argument("--blocks", default="1,2,4", help="comma-separated; empty: no train step")
+  args = parser.parse_args()
+  devices = chips.target_devices(chips.CompileConfig(topology=args.topology))
+  results = dict(attention={}, train_step={})
+  one_chip = jax.sharding.SingleDeviceSharding(devices[0])
+  for batch in (int(b) for b in args.attention_batches.split(",") if b):
+    qkv = [jax.ShapeDtypeStruct((batch, 16, 257, 64), jnp.bfloat16, sharding=one_chip)] * 3
+    results["attention"][batch] = estimate(jax.jit(attention).lower(*qkv).compile())
+    print("# attention, batch", batch, results["attention"][batch], file=sys.stderr, flush=True)
+  config = load_config_file(args.config)
+  blocks = [int(b) for b in args.blocks.split(",") if b]
+  mesh = parallel.make_mesh(config.mesh, devices)
+  runs = [(n, False) for n in blocks] + ([(blocks[-1], True)] if blocks else [])
+  for n, scan in runs:
+    variant = config.copy_and_resolve_references()
+    variant.model.update(n_layer=n, scan_layers=scan)
+    trainer = GeneratorTrainer(variant, mesh, total_steps=1000)
+    lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(args.per_chip * len(devices)),
+                                       jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+    name = f"{n} blocks {'scanned' if scan else 'unrolled'}"
+    results["train_step"][name] = estimate(lowered.compile())
+    print("#", name, results["train_step"][name], file=sys.stderr, flush=True)
+  print(json.dumps(dict(benchmark="compiler_estimate", topology=args.topology, config=args.config,
+                        per_chip=args.per_chip, kind="TPU compiler figures, not measured", **results)))
+
+
+if __name__ == "__main__":
+  main()
