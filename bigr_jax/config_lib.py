@@ -4,6 +4,8 @@ Every section a run reads is declared here from its typed config (`bigr_jax.type
 defaults live in the dataclasses alone and every field can be overridden on the command line.
 """
 
+from typing import Optional
+
 import ml_collections
 
 from bigr_jax import chips, parallel, typed_config
@@ -110,15 +112,16 @@ def shrink_for_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 BLD_PER_GPU_BATCH, BLD_GPUS = 3, 8  # Binary Latent Diffusion's B-AE recipe: 3 images on each of 8 GPUs
 
 
-def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None) -> ml_collections.ConfigDict:
+def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None,
+                          tpu_variants: Optional[dict] = None) -> ml_collections.ConfigDict:
   """A B-AE config: the original's architecture and Binary Latent Diffusion's recipe as far as it is known.
 
   Arguments: `runlocal` (a tiny autoencoder on the embedded digits, for a CPU), `quantizer=binary|lfq`
   (lfq is our own variant), `chips=N` (BLD's 3 images per GPU on N chips: batch 3N, default 8, i.e. 24; BLD's
-  learning rate is set by the per-GPU batch, so it is unchanged). BiGR's exact B-AE batch and schedule were not
-  released.
+  learning rate is set by the per-GPU batch, so it is unchanged), and `tpu=<name>` where the config has
+  `tpu_variants` (as `apply_tpu_variant`). BiGR's exact B-AE batch and schedule were not released.
   """
-  arg = parse_arg(arg, runlocal=False, quantizer="binary", chips=BLD_GPUS)
+  arg = parse_arg(arg, runlocal=False, quantizer="binary", chips=BLD_GPUS, **({"tpu": ""} if tpu_variants else {}))
   if arg.chips < 1:
     raise ValueError(f"chips={arg.chips}: the number of chips the batch of {BLD_PER_GPU_BATCH} per chip spans, at "
                      "least 1")
@@ -143,6 +146,8 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
   c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # for --mode=encode: weights to encode with
   c.encode_batch_size = 64
   c.encode_flipped = True
+  if tpu_variants:
+    apply_tpu_variant(c, arg.tpu, tpu_variants)
   if arg.runlocal:
     if arg.chips != BLD_GPUS:
       raise ValueError(f"chips={arg.chips} sets the full-size B-AE's batch; runlocal has its own (8)")
