@@ -1,18 +1,18 @@
 """The TPU compiler's own time estimate (`cost_analysis()["optimal_seconds"]`), and why `--mode=compile` does
 not report it.
 
-  .venv/bin/python benchmarks/compiler_estimate.py                     # attention, then BiGR-L's step at 1, 2, 4 blocks
-  .venv/bin/python benchmarks/compiler_estimate.py --blocks=            # attention only (seconds)
+  .venv/bin/python benchmarks/compiler_estimate.py             # attention, then BiGR-L's step at 1, 2, 4 blocks
+  .venv/bin/python benchmarks/compiler_estimate.py --blocks=    # attention only (seconds)
 
 Compiled by libtpu for a v5e topology from this host (nothing runs on a TPU). Two kinds of program:
-- attention as the model's `xla` path computes it (softmax(q k^T) v, bfloat16, 16 heads of 64, 257 tokens) on one
-  chip, at several batch sizes;
+- the model's attention (`bigr_jax.models.attention`, `xla` and Pallas `splash`: bfloat16, 16 heads of 64, 257
+  tokens) on one chip, at several batch sizes;
 - the generator's train step of `--config` at `--per_chip` images per chip on `--topology`, its blocks unrolled
   at each of `--blocks`, and scanned at the last.
-For each it prints the estimate, the fraction left after adding back one second per whole negative second, and
-the compiled FLOPs. The estimate turns negative in whole steps of about -1 s as the programs grow: the
-compiler counts some ops it cannot cost as -1 s, and says nothing of which, so neither the estimate nor a sum
-of parts' estimates by trip count is a step time. Prints one JSON line; progress on stderr.
+For each it prints the estimate, its part above the whole seconds (`optimal_seconds - floor(optimal_seconds)`),
+and the compiled FLOPs. The estimate falls by whole seconds, as if each op the compiler cannot cost counted
+-1 s, and nothing says which ops those are; so neither the estimate nor a sum of parts' estimates by trip count
+is a step time. Prints one JSON line; progress on stderr.
 """
 
 import argparse
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from bigr_jax import chips, parallel
 from bigr_jax.config_lib import load_config_file
+from bigr_jax.models.attention import ATTENTION
 from bigr_jax.train.generator import GeneratorTrainer
 
 
@@ -36,15 +37,10 @@ def estimate(compiled) -> dict:
               flops=float(cost.get("flops", 0.0)))
 
 
-def attention(q, k, v):
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
-  return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits).astype(q.dtype), v)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--topology", default="v5e:2x2")
-  parser.add_argument("--attention_batches", default="1,2,16")
+  parser.add_argument("--attention_batches", default="1,2,16,64")
   parser.add_argument("--config", default="configs/bigr_l.py:tpu=v5e")
   parser.add_argument("--per_chip", type=int, default=16)
   parser.add_argument("--blocks", default="1,2,4", help="comma-separated; empty: no train step")
@@ -52,10 +48,12 @@ def main():
   devices = chips.target_devices(chips.CompileConfig(topology=args.topology))
   results = dict(attention={}, train_step={})
   one_chip = jax.sharding.SingleDeviceSharding(devices[0])
-  for batch in (int(b) for b in args.attention_batches.split(",") if b):
-    qkv = [jax.ShapeDtypeStruct((batch, 16, 257, 64), jnp.bfloat16, sharding=one_chip)] * 3
-    results["attention"][batch] = estimate(jax.jit(attention).lower(*qkv).compile())
-    print("# attention, batch", batch, results["attention"][batch], file=sys.stderr, flush=True)
+  for kind in ("xla", "splash"):
+    for batch in (int(b) for b in args.attention_batches.split(",") if b):
+      qkv = [jax.ShapeDtypeStruct((batch, 257, 16, 64), jnp.bfloat16, sharding=one_chip)] * 3
+      name = f"{kind}, batch {batch}"
+      results["attention"][name] = estimate(jax.jit(ATTENTION[kind]).lower(*qkv).compile())
+      print("# attention,", name, results["attention"][name], file=sys.stderr, flush=True)
   config = load_config_file(args.config)
   blocks = [int(b) for b in args.blocks.split(",") if b]
   mesh = parallel.make_mesh(config.mesh, devices)
