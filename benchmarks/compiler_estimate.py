@@ -23,15 +23,13 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bigr_jax import chips, parallel
+from bigr_jax import aot, chips, parallel
 from bigr_jax.config_lib import load_config_file
 from bigr_jax.models.attention import ATTENTION
-from bigr_jax.train.generator import GeneratorTrainer
 
 
 def estimate(compiled) -> dict:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = aot.cost_analysis(compiled)
   seconds = float(cost["optimal_seconds"])
   return dict(optimal_seconds=seconds, fraction_above_whole_seconds=seconds - math.floor(seconds),
               flops=float(cost.get("flops", 0.0)))
@@ -59,13 +57,10 @@ def main():
   mesh = parallel.make_mesh(config.mesh, devices)
   runs = [(n, False) for n in blocks] + ([(blocks[-1], True)] if blocks else [])
   for n, scan in runs:
-    variant = config.copy_and_resolve_references()
-    variant.model.update(n_layer=n, scan_layers=scan)
-    trainer = GeneratorTrainer(variant, mesh, total_steps=1000)
-    lowered = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(args.per_chip * len(devices)),
-                                       jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+    lower = aot.generator_train_step(aot.with_model(config, n_layer=n, scan_layers=scan), mesh,
+                                     args.per_chip * len(devices))
     name = f"{n} blocks {'scanned' if scan else 'unrolled'}"
-    results["train_step"][name] = estimate(lowered.compile())
+    results["train_step"][name] = estimate(lower().compile())
     print("#", name, results["train_step"][name], file=sys.stderr, flush=True)
   print(json.dumps(dict(benchmark="compiler_estimate", topology=args.topology, config=args.config,
                         per_chip=args.per_chip, kind="TPU compiler figures, not measured", **results)))

@@ -33,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bigr_jax import parallel
+from bigr_jax import aot, parallel
 from bigr_jax.config_lib import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
@@ -93,8 +93,7 @@ def analytic_terms(cfg: GeneratorConfig) -> dict:
 
 
 def flops_of(compiled) -> float:
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+  return float(aot.cost_analysis(compiled)["flops"])
 
 
 def compiled_flops(cfg: GeneratorConfig, batch: int) -> tuple:

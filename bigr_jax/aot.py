@@ -102,6 +102,12 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
   return out
 
 
+def cost_analysis(compiled) -> dict:
+  """The compiler's cost figures of one compiled program (jax gives a dict, or a one-element list of it)."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
 @dataclasses.dataclass
 class Figures:
   """What the compiler says of one program, per chip."""
@@ -111,8 +117,7 @@ class Figures:
 
   @classmethod
   def of(cls, compiled, num_devices: int) -> "Figures":
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = cost_analysis(compiled)
     return cls(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
                collectives(compiled.as_text(), num_devices))
 
@@ -194,14 +199,17 @@ def _key():
   return jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
 
-def _with_model(config, **model_changes):
+def with_model(config, **model_changes):
+  """A copy of the config with `model` fields changed (e.g. the depth the per-block figures compile at)."""
   variant = config.copy_and_resolve_references()
   variant.model.update(model_changes)
   return variant
 
 
-def _generator_trainer(config, mesh):
-  return generator.GeneratorTrainer(config, mesh, total_steps=max(1, int(config.total_steps or 1000)))
+def generator_train_step(config, mesh, batch: int) -> Callable[[], "jax.stages.Lowered"]:
+  """What lowers the generator's train step of `config` at a global `batch` on `mesh` (abstract: nothing allocated)."""
+  trainer = generator.GeneratorTrainer(config, mesh, total_steps=max(1, int(config.total_steps or 1000)))
+  return lambda: trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), _key())
 
 
 def _param_shapes(model: GeneratorConfig, sharding_of) -> dict:
@@ -216,16 +224,12 @@ def generator_programs(config, mesh) -> list:
   n = mesh.devices.size
   batch = config.batch_size
 
-  def train_step(variant):
-    trainer = _generator_trainer(variant, mesh)
-    return lambda: trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), _key())
-
   per_block = None
   if model.scan_layers and model.n_layer > 1:  # the scanned stack's FLOPs, bytes and collectives, by trip count
-    per_block = (train_step(_with_model(config, n_layer=1, scan_layers=False)),
-                 train_step(_with_model(config, n_layer=2, scan_layers=False)), model.n_layer)
-  programs = [Program("train_step", train_step(config), batch, bigr.train_flops_per_image(model) * batch / n,
-                      per_block)]
+    per_block = (generator_train_step(with_model(config, n_layer=1, scan_layers=False), mesh, batch),
+                 generator_train_step(with_model(config, n_layer=2, scan_layers=False), mesh, batch), model.n_layer)
+  programs = [Program("train_step", generator_train_step(config, mesh, batch), batch,
+                      bigr.train_flops_per_image(model) * batch / n, per_block)]
 
   # Sampling as --mode=sample runs it: checkpoint params (float32) on every chip, the batch split.
   sampler_config, run = run_sample.sample_settings(config.sample)
