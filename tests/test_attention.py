@@ -63,11 +63,13 @@ def _loss_and_grads(model_config, params, mesh=None):
   bits = (jax.random.uniform(jax.random.key(2), (8, model_config.seq_len, model_config.binary_size)) > 0.5)
   labels = jnp.arange(8) % model_config.num_classes
   rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
+  draws = bigr.BiGR(model_config).apply({"params": params}, bits, deterministic=True, rngs=rngs,
+                                        method=bigr.BiGR.loss_draws)
 
   def loss(p):
     with nn.logical_axis_rules(parallel.DEFAULT_RULES):
-      value, _ = bigr.BiGR(model_config).apply({"params": p}, bits.astype(jnp.float32), labels, deterministic=True,
-                                               rngs=rngs, method=bigr.BiGR.loss)
+      value, _ = bigr.BiGR(model_config).apply({"params": p}, bits.astype(jnp.float32), labels, draws,
+                                               deterministic=True, method=bigr.BiGR.loss)
     return value
 
   step = jax.jit(jax.value_and_grad(loss))

@@ -100,7 +100,9 @@ def test_training_loss_same_in_both_layouts(parity_dir):
   for scan in (True, False):
     cfg = config_lib.from_model_args(str(io["config"]), scan_layers=scan)
     params = generator_weights.torch_to_flax(state_dict, cfg)
-    loss, _ = bigr.BiGR(cfg).apply({"params": params}, io["inp"], io["cond"], deterministic=True, rngs=rngs,
+    draws = bigr.BiGR(cfg).apply({"params": params}, io["inp"], deterministic=True, rngs=rngs,
+                                 method=bigr.BiGR.loss_draws)
+    loss, _ = bigr.BiGR(cfg).apply({"params": params}, io["inp"], io["cond"], draws, deterministic=True,
                                    method=bigr.BiGR.loss)
     losses.append(float(loss))
   assert np.isfinite(losses[0]) and abs(losses[0] - losses[1]) < 1e-6

@@ -81,10 +81,12 @@ def test_gradients_agree_under_every_remat_policy(scan_layers):
   params = bigr.init_params(model_config, jax.random.key(0))
   batch = next(synthetic_batches(config))
   rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
+  draws = bigr.BiGR(model_config).apply({"params": params}, batch["bits"], rngs=rngs, method=bigr.BiGR.loss_draws)
   grads, flops = {}, {}
   for policy in ("none", "dots", "dots_saveable", "full"):
     model = bigr.BiGR(model_config.replace(remat_policy=policy))
-    loss = lambda p: model.apply({"params": p}, batch["bits"], batch["label"], rngs=rngs, method=bigr.BiGR.loss)[0]  # noqa: E731,B023
+    loss = lambda p: model.apply({"params": p}, batch["bits"], batch["label"], draws, rngs=rngs,  # noqa: E731,B023
+                                 method=bigr.BiGR.loss)[0]
     compiled = jax.jit(jax.grad(loss)).lower(params).compile()
     flops[policy] = aot.cost_analysis(compiled)["flops"]
     grads[policy] = compiled(params)
@@ -121,8 +123,10 @@ def test_training_learns_the_classes():
   state = trainer.init(jax.random.key(0))
   probe = next(synthetic_batches(config, start=1000))
   rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
+  draws = trainer.model.apply({"params": state.params}, probe["bits"], deterministic=True, rngs=rngs,
+                              method=bigr.BiGR.loss_draws)
   fixed_loss = jax.jit(lambda params: trainer.model.apply(  # same masks, timesteps and noise every call
-      {"params": params}, probe["bits"], probe["label"], deterministic=True, rngs=rngs, method=bigr.BiGR.loss)[0])
+      {"params": params}, probe["bits"], probe["label"], draws, deterministic=True, method=bigr.BiGR.loss)[0])
   before = float(fixed_loss(state.params))
   accuracy = []
   with jax.set_mesh(mesh):

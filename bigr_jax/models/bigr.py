@@ -13,11 +13,16 @@ from bigr_jax.models.transformer import (RMSNorm, Trunk, dense, dense_init, para
                                          shard_tokens)
 
 
+def mask_counts(num_tokens: int) -> np.ndarray:
+  """The masked-token count of each step s = 0..N-1 of the original's cosine schedule, max(1, floor(N cos(pi/2
+  s/N))), in float64: float32 rounds a few counts down (e.g. s = 512 of N = 768)."""
+  steps = np.arange(num_tokens, dtype=np.float64)
+  return np.maximum(1, np.floor(num_tokens * np.cos(np.pi / 2.0 * steps / num_tokens))).astype(np.int32)
+
+
 def cosine_mask_count(key, num_tokens: int):
-  """The original's training mask count: s ~ U{0..N-1}, m = max(1, floor(N cos(pi/2 s/N))), one per batch."""
-  step = jax.random.randint(key, (), 0, num_tokens)
-  rate = jnp.cos(jnp.float32(np.pi / 2.0) * (step.astype(jnp.float32) / num_tokens))
-  return jnp.maximum(1, jnp.floor(num_tokens * rate).astype(jnp.int32))
+  """The original's training mask count: s ~ U{0..N-1}, then `mask_counts`; one per batch."""
+  return jnp.asarray(mask_counts(num_tokens))[jax.random.randint(key, (), 0, num_tokens)]
 
 
 def random_mask(key, batch: int, num_tokens: int, count):
@@ -115,37 +120,57 @@ class BiGR(nn.Module):
     cond = self.condition(bits, labels, token_mask, deterministic=deterministic)
     return self.denoise(x_t, t_minus_1, cond.reshape(-1, cond.shape[-1]))
 
-  def loss(self, bits, labels, deterministic: bool = False):
-    """Masked-modelling loss of the original (rngs: 'mask', 'diffusion', 'label_drop', 'dropout').
-
-    One cosine mask count per batch; the transcoder sees every token at its own random t, and the
-    weighted BCE is averaged over the masked tokens only. Returns (loss, metrics).
-    """
+  def loss_draws(self, bits, deterministic: bool = False) -> "LossDraws":
+    """Every random draw of one training loss (rngs: 'mask', 'diffusion', 'label_drop'), as the original makes
+    them: one cosine mask count per batch, placed uniformly in each row; each label replaced by the null class
+    with `class_dropout_prob` (none when deterministic); each token's timestep uniform on 1..n_sample_steps;
+    and the uniforms of its noisy bits."""
     cfg = self.config
     batch, num_tokens, num_bits = bits.shape
     count_key, place_key = jax.random.split(self.make_rng("mask"))
-    count = cosine_mask_count(count_key, num_tokens)
-    token_mask = random_mask(place_key, batch, num_tokens, count)
+    token_mask = random_mask(place_key, batch, num_tokens, cosine_mask_count(count_key, num_tokens))
+    drop_label = jnp.zeros((batch,), bool)
     if not deterministic and cfg.class_dropout_prob > 0:
-      drop = jax.random.uniform(self.make_rng("label_drop"), (batch,)) < cfg.class_dropout_prob
-      labels = jnp.where(drop, cfg.null_class, labels)
-    cond = self.condition(bits, labels, token_mask, deterministic=deterministic)
+      drop_label = jax.random.uniform(self.make_rng("label_drop"), (batch,)) < cfg.class_dropout_prob
+    t_key, noise_key = jax.random.split(self.make_rng("diffusion"))
+    t = jax.random.randint(t_key, (batch * num_tokens,), 1, cfg.n_sample_steps + 1)
+    # Rows are (sample, token) pairs, batch-major: they stay split over the batch axes.
+    noise = shard_tokens(jax.random.uniform(noise_key, (batch * num_tokens, num_bits)))
+    return LossDraws(token_mask=token_mask, drop_label=drop_label, t=t, noise=noise)
+
+  def loss(self, bits, labels, draws: "LossDraws", deterministic: bool = False):
+    """Masked-modelling loss of the original, given its random draws (`loss_draws`; rng 'dropout' when
+    `token_dropout_p` > 0 and not deterministic).
+
+    The transcoder sees every token at its own timestep t, its noisy bits x_t = (noise < q(x_t = 1 | x_0, t)),
+    and the weighted BCE is averaged over the masked tokens only. Returns (loss, metrics).
+    """
+    cfg = self.config
+    num_bits = bits.shape[-1]
+    labels = jnp.where(draws.drop_label, cfg.null_class, labels)
+    cond = self.condition(bits, labels, draws.token_mask, deterministic=deterministic)
 
     schedule = linear_schedule(cfg.n_sample_steps)
-    t_key, noise_key = jax.random.split(self.make_rng("diffusion"))
     z0 = bits.reshape(-1, num_bits).astype(jnp.float32)
-    t = jax.random.randint(t_key, (z0.shape[0],), 1, cfg.n_sample_steps + 1)
-    probs = jnp.asarray(schedule["k_final"])[t][:, None] * z0 + jnp.asarray(schedule["b_final"])[t][:, None]
-    x_t = jax.random.bernoulli(noise_key, probs).astype(jnp.float32)
-    # Rows are (sample, token) pairs, batch-major: they stay split over the batch axes.
-    x_t = shard_tokens(x_t)
-    logits = shard_tokens(self.denoise(x_t, t - 1, shard_tokens(cond.reshape(-1, cfg.dim))))
+    probs = (jnp.asarray(schedule["k_final"])[draws.t][:, None] * z0
+             + jnp.asarray(schedule["b_final"])[draws.t][:, None])
+    x_t = shard_tokens((draws.noise < probs).astype(jnp.float32))
+    logits = shard_tokens(self.denoise(x_t, draws.t - 1, shard_tokens(cond.reshape(-1, cfg.dim))))
     target = jnp.logical_xor(z0 > 0.5, x_t > 0.5).astype(jnp.float32) if cfg.p_flip else z0
     per_bit = weighted_bce(logits, target, cfg.focal, cfg.alpha)
-    loss = masked_token_mean(per_bit, token_mask)
+    loss = masked_token_mean(per_bit, draws.token_mask)
     x0_logits = jnp.where(x_t > 0.5, -logits, logits) if cfg.p_flip else logits
     bit_accuracy = jnp.mean(((x0_logits > 0) == (z0 > 0.5)).astype(jnp.float32))
-    return loss, {"loss": loss, "bit_accuracy": bit_accuracy, "mask_ratio": count / num_tokens}
+    return loss, {"loss": loss, "bit_accuracy": bit_accuracy,
+                  "mask_ratio": jnp.mean(draws.token_mask.astype(jnp.float32))}
+
+
+class LossDraws(NamedTuple):
+  """The random draws of one training loss (`BiGR.loss_draws`), or draws recorded elsewhere (the parity test)."""
+  token_mask: jax.Array  # (B, N) bool: the token's embedding is replaced by mask_tok; the loss covers these
+  drop_label: jax.Array  # (B,) bool: the label is replaced by the null class
+  t: jax.Array  # (B * N,) int32 timesteps in 1..n_sample_steps, rows batch-major (b, n)
+  noise: jax.Array  # (B * N, K) float32 uniforms: a noisy bit is 1 where noise < q(x_t = 1 | x_0, t)
 
 
 def init_inputs(config: GeneratorConfig, batch: int = 1):

@@ -39,6 +39,10 @@ class GeneratorTrainer:
     self.train_step = parallel.MeshJit(self._train_step, mesh, in_shardings=(self.state_shardings, None, None),
                                        out_shardings=(self.state_shardings, parallel.replicated(mesh)),
                                        donate_argnums=0)
+    # The same step with its draws given (the training-parity test injects the original's).
+    self.train_step_with_draws = parallel.MeshJit(
+        self.update, mesh, in_shardings=(self.state_shardings, None, None, None),
+        out_shardings=(self.state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
   def abstract_batch(self, global_batch_size: int) -> dict:
     """ShapeDtypeStructs of a global batch, split over the batch axes: lowers the step without data."""
@@ -55,15 +59,24 @@ class GeneratorTrainer:
                          opt_state=state_lib.box_like_params(state.opt_state, params))
 
   def _train_step(self, state: state_lib.TrainState, batch, key):
+    """One step: this step's random draws (`BiGR.loss_draws`, from `key` folded with the step), then `update`."""
     key = jax.random.fold_in(key, state.step)
     rngs = dict(zip(("mask", "diffusion", "label_drop", "dropout"), jax.random.split(key, 4)))
+    with nn.logical_axis_rules(self.rules):
+      draws = self.model.apply({"params": state.params}, batch["bits"], rngs=rngs, method=bigr.BiGR.loss_draws)
+    return self.update(state, batch, draws, rngs["dropout"])
 
+  def loss_and_grads(self, params, batch, draws: bigr.LossDraws, dropout_key):
+    """((loss, metrics), gradients) of a batch under the given draws."""
     def loss_fn(params):
       with nn.logical_axis_rules(self.rules):  # activates the models' activation sharding constraints
-        return self.model.apply({"params": params}, batch["bits"], batch["label"], deterministic=False,
-                                rngs=rngs, method=bigr.BiGR.loss)
+        return self.model.apply({"params": params}, batch["bits"], batch["label"], draws, deterministic=False,
+                                rngs={"dropout": dropout_key}, method=bigr.BiGR.loss)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def update(self, state: state_lib.TrainState, batch, draws: bigr.LossDraws, dropout_key):
+    """The optimizer step (clipping, AdamW with its decay mask) and the EMA, given the step's draws."""
+    (_, metrics), grads = self.loss_and_grads(state.params, batch, draws, dropout_key)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.ema_update(state.ema_params, params, self.config.ema_decay)

@@ -85,10 +85,20 @@ def make_optimizer(optim_config, total_steps: int, decay_mask: Any = None) -> op
   else:
     opt = optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
   if optim.grad_clip:
-    opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
+    opt = optax.chain(clip_by_global_norm(optim.grad_clip), opt)
   if optim.grad_accum_steps > 1:
     opt = optax.MultiSteps(opt, every_k_schedule=optim.grad_accum_steps)
   return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales gradients by min(1, max_norm / (norm + 1e-6)), torch's `clip_grad_norm_`, as the originals clip.
+  (optax's rule has no 1e-6 and differs in the last digits.)"""
+  def update(grads, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
+    return jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def ema_update(ema_params, params, decay: float):
