@@ -43,7 +43,8 @@ def test_one_repeated_digit_per_class_is_seen_as_collapsed_though_every_class_is
   floor = report.floor(labels)
   assert collapsed["class_accuracy"] == 1.0  # what class accuracy alone reports: perfect
   assert collapsed["recall"] < 0.05 < 0.65 < floor["recall"]  # measured 0.01 against 0.82
-  assert collapsed["diversity"] == 0.0 < floor["diversity"]
+  # Ten copies of one image: their pairwise distances are zero up to float rounding (measured 1.3e-6).
+  assert collapsed["diversity"] < 1e-4 * floor["diversity"]
   assert collapsed["fd"] > 4 * floor["fd"]  # measured 22.0 against 3.0
 
 
