@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from bigr_jax import aot, data, files, images as images_lib
+from bigr_jax import aot, artifacts, data, evaluation, files, images as images_lib
 from bigr_jax.evaluation import quality
 from bigr_jax.sampling import run_sample, sweep as sweep_lib
 from bigr_jax.train import generator, tokenizer
@@ -40,6 +40,26 @@ def on_generator(entry):
     return entry(*generator_stage(config, workdir))
   run_on_demo.__doc__ = entry.__doc__
   return run_on_demo
+
+
+def features(config, workdir) -> dict:
+  """`--mode=features` on the demo: the generator's pooled features at `generator.evaluation.layers` (every block),
+  probed beside the same probe on raw pixels and on the B-AE's codes (their bits, flattened), the inputs the
+  generator's representation is measured against; writes generator/linear_probe.json."""
+  gen, gen_workdir = generator_stage(config, workdir)
+  pixels = [real_images(config, split) for split in SPLITS]
+  codes = [_codes(pathlib.Path(workdir), split) for split in SPLITS]
+  flat = lambda images: images.reshape(len(images), -1).astype(np.float32)  # noqa: E731
+  baselines = {"pixels": (flat(pixels[0][0]), pixels[0][1], flat(pixels[1][0]), pixels[1][1]),
+               "codes": (flat(codes[0][0]), codes[0][1], flat(codes[1][0]), codes[1][1])}
+  return evaluation.features_and_probe(gen, gen_workdir, baselines=baselines)
+
+
+def _codes(workdir: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(bits (N, T, K), labels) of a split's codes in the workdir's tokenizer/codes."""
+  source = data.CodesSource(str(workdir / "tokenizer" / "codes" / split), flip=False)
+  records = [source[i] for i in range(len(source))]
+  return np.stack([r["codes"] for r in records]), np.asarray([r["label"] for r in records])
 
 
 def encode(config, workdir, overwrite: bool = False):
@@ -69,42 +89,57 @@ def real_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
 
 
-def quality_report(config) -> quality.QualityReport:
-  """Scores against the real training images, with the held-out images for the floor (`evaluation.quality`)."""
-  return quality.QualityReport.from_splits(*real_images(config, "train"), *real_images(config, "test"))
+def quality_report(config, workdir) -> quality.QualityReport:
+  """Scores against the real training images, with the held-out images for the floor and their reconstructions
+  for the ceiling (`evaluation.quality`): the held-out split's codes, decoded by the workdir's B-AE."""
+  held_out, held_out_labels = real_images(config, "test")
+  bits, code_labels = _codes(pathlib.Path(workdir), "test")
+  if not np.array_equal(code_labels, held_out_labels):
+    raise ValueError(f"{workdir}/tokenizer/codes/test does not hold the codes of the held-out images in order; "
+                     "encode them again (--mode=encode --config.tokenizer.data.split=test --overwrite)")
+  gen, _ = generator_stage(config, workdir)
+  tokenizer_config = artifacts.tokenizer_model_config(gen.tokenizer)
+  tokenizer_params = artifacts.tokenizer_params(gen.tokenizer.checkpoint, tokenizer_config)
+  reconstructions = run_sample.decode_bits(tokenizer_config, tokenizer_params, bits)
+  return quality.QualityReport.from_splits(*real_images(config, "train"), held_out, held_out_labels,
+                                           held_out_reconstructions=reconstructions)
 
 
 def evaluate(config, workdir) -> dict:
   """`--mode=evaluate` on the demo: samples of every class (`generator.sample`), scored in the feature space of
-  a classifier trained on real digits (FD, precision, recall, diversity, class accuracy), beside the floor of real
-  held-out digits; writes samples.png, samples.npz and the scores into demo.json."""
+  a classifier trained on real digits (FD, precision, recall, diversity, class accuracy), beside the B-AE's
+  reconstructions of held-out digits (the ceiling) and the real held-out digits (the floor); writes samples.png,
+  samples.npz and the scores into demo.json."""
   drawn = run_sample.draw_samples(*generator_stage(config, workdir))
   images, labels, models = drawn.images, drawn.labels, drawn.models
   workdir = pathlib.Path(workdir)
-  report = quality_report(config)
-  samples, floor = report.samples(images, labels), report.floor(labels)
+  report = quality_report(config, workdir)
+  samples, ceiling, floor = report.samples(images, labels), report.ceiling(labels), report.floor(labels)
   images_lib.save_grid(images, workdir / "samples.png", nrow=drawn.run.per_class or 10)
   np.savez(workdir / "samples.npz", arr_0=images_lib.to_uint8(images), arr_1=labels)
   scores = {"sample_class_accuracy": samples["class_accuracy"], "real_digit_accuracy": floor["class_accuracy"],
             "chance": 1.0 / models.generator_config.num_classes, "num_samples": len(labels),
-            "quality": {"samples": samples, "floor": floor}, "sampling_s": drawn.seconds}
+            "quality": {"samples": samples, "ceiling": ceiling, "floor": floor}, "sampling_s": drawn.seconds}
   _update_summary(workdir, scores)
   print(f"samples: {workdir / 'samples.png'}; against real training digits, in a digit classifier's features: "
-        f"{quality.summary_line(samples, floor)}; real: held-out digits, as many per class", flush=True)
+        f"{quality.summary_line(samples, floor, ceiling)}; B-AE: its reconstructions of the held-out digits, real: "
+        "the held-out digits, as many per class", flush=True)
   return scores
 
 
-PAPER_SETTING = {"num_iter": 20, "cfg_scale": 2.5, "gumbel_temp": 0.17, "infer_steps": 100}  # BiGR-L's, in the paper
+# BiGR-L's, in the paper
+PAPER_SETTING = {"num_iter": 20, "cfg_scale": 2.5, "gumbel_temp": 0.17, "infer_steps": 100, "ordering": "confidence"}
 
 
 def sweep(config, workdir) -> dict:
   """`--mode=sweep` on the demo: the generator's sampler over `generator.sweep.grid`, each setting scored as
   `evaluate` scores samples (the floor beside) and timed on this machine; writes generator/sweep/."""
   gen, gen_workdir = generator_stage(config, workdir)
-  report = quality_report(config)
+  report = quality_report(config, workdir)
   labels = np.repeat(np.arange(gen.model.num_classes), gen.sweep.per_class)
   highlight = {k: PAPER_SETTING[k] for k in gen.sweep.grid} if set(gen.sweep.grid) <= set(PAPER_SETTING) else None
-  return sweep_lib.run_sweep(gen, gen_workdir, report.samples, floor=report.floor(labels), highlight=highlight,
+  return sweep_lib.run_sweep(gen, gen_workdir, report.samples, floor=report.floor(labels),
+                             ceiling=report.ceiling(labels), highlight=highlight,
                              title=f"demo sampler sweep: {len(labels)} samples per setting, scored against real "
                                    "digits in a digit classifier's features")
 

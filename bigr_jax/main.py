@@ -8,7 +8,6 @@ import functools
 import gc
 import logging
 import os
-import pathlib
 import sys
 from typing import Callable, NamedTuple
 
@@ -27,14 +26,6 @@ flags.DEFINE_string("mode", None, "Overrides config.mode; one of bigr_jax.main.M
 flags.DEFINE_bool("overwrite", False, "Replace the finished outputs of encode (codes) and of a generator's evaluate "
                   "(evaluation.json and its generated samples); without it they are refused before any work.")
 flags.mark_flags_as_required(["workdir"])
-
-
-def _features(config, workdir):
-  evaluation.extract_features(config, workdir)
-  result = evaluation.probe_features(config, workdir)
-  print(f"linear probe: best block {result['best_layer']}, top-1 {result['best_top1']:.1f}% "
-        f"({pathlib.Path(workdir) / 'linear_probe.json'})", flush=True)
-  return result
 
 
 def _evaluate(config, workdir, overwrite: bool = False):
@@ -60,7 +51,7 @@ MODES = {
     "edit": Mode("inpaint, outpaint, class edit, interpolation or enrichment (config.edit)",
                  {"generator": run_sample.edit_to_workdir, "demo": demo.on_generator(run_sample.edit_to_workdir)}),
     "features": Mode("pooled features of the code splits and a linear probe on them",
-                     {"generator": _features, "demo": demo.on_generator(_features)}),
+                     {"generator": evaluation.features_and_probe, "demo": demo.features}),
     "evaluate": Mode("score samples: FID / IS / precision-recall with the Inception (ImageNet); the digit "
                      "classifier's verdict for the demo (redrawn and rewritten each time)",
                      {"generator": _evaluate, "demo": demo.evaluate}, overwrites=("generator",)),

@@ -33,6 +33,7 @@ def get_config(arg=None):
   tok.ema_decay, tok.ema_every = 0.99, 1  # the release's 0.995 every 10 steps would lag a 600-step run
   tok.loss.disc_start_step = 10**9  # L1 only: a GAN needs far longer than a demo
   tok.model.deterministic = True  # thresholded bits: a tiny B-AE converges faster than with sampled ones
+  tok.model.grayscale = True  # the digits are grey: so are reconstructions and samples
   c.tokenizer = tok
 
   gen = config_lib.base_generator_config()
@@ -53,10 +54,12 @@ def get_config(arg=None):
   gen.sample.update(per_class=10, batch_size=0, num_iter=4, cfg_scale=1.0, gumbel_temp=1.0, infer_steps=100)
   # --mode=sweep: every combination, 10 samples of each class per setting (bigr_jax/sampling/sweep.py).
   gen.sweep = ml_collections.ConfigDict(dict(
-      grid=dict(num_iter=(4, 8, 20), cfg_scale=(1.0, 2.5, 4.0), gumbel_temp=(0.0, 0.17, 1.0), infer_steps=(20, 100)),
+      grid=dict(num_iter=(4, 8, 20), cfg_scale=(1.0, 2.5, 4.0), gumbel_temp=(0.0, 0.17, 1.0), infer_steps=(20, 100),
+                ordering=("confidence",)),  # e.g. --config.generator.sweep.grid.ordering='("confidence", "random")'
       per_class=10, min_images_per_s=50.0))
-  gen.evaluation.update(splits=("train", "test"), batch_size=64)
-  gen.evaluation.probe.update(epochs=30, batch_size=256, eval_batch_size=512, warmup_epochs=3.0)
+  # --mode=features: every block, probed by the convex fit (MAE's LARS recipe needs ImageNet's thousands of steps).
+  gen.evaluation.update(splits=("train", "test"), batch_size=64, layers=tuple(range(gen.model.n_layer)))
+  gen.evaluation.probe.update(optimizer="lbfgs")
   c.generator = gen
 
   if arg.quick:  # about 2 minutes on 2 cores; its samples are still mostly recognisable
@@ -64,5 +67,6 @@ def get_config(arg=None):
     gen.total_steps, gen.log_every, gen.checkpoint_every = 600, 200, 600
     gen.ema_decay = 0.95
     gen.sample.update(per_class=2, num_iter=4, cfg_scale=2.0, gumbel_temp=0.0, infer_steps=20)  # as measured
-    gen.sweep.update(grid=dict(num_iter=(2, 4), cfg_scale=(2.5,), gumbel_temp=(0.0,), infer_steps=(20,)), per_class=2)
+    gen.sweep.update(grid=dict(num_iter=(2, 4), cfg_scale=(2.5,), gumbel_temp=(0.0,), infer_steps=(20,),
+                               ordering=("confidence",)), per_class=2)
   return c

@@ -637,3 +637,38 @@ def test_linear_probe_on_digits(tmp_path, sharded_extractor, tiny_params, capsys
   assert pixels["top1"] > 90
   assert sweep["best_top1"] > 30  # chance is 10
   assert set(sweep["layers"]) == {0, 2}
+
+
+def _gaussian_classes(num_classes=10, dim=64, seed=0):
+  """Separable classes: unit Gaussians around random means (a linear classifier reaches ~99%)."""
+  rng = np.random.default_rng(seed)
+  means = rng.normal(size=(num_classes, dim)) * 0.6
+
+  def draw(n):
+    labels = rng.integers(0, num_classes, n)
+    return (means[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+  return draw(2000), draw(1000)
+
+
+def test_convex_probe_fits_classes_with_a_known_answer_and_mae_recipe_warns_on_a_small_set():
+  (train_x, train_y), (test_x, test_y) = _gaussian_classes()
+  result = linear_probe.train_probe(train_x, train_y, test_x, test_y, linear_probe.ProbeConfig(optimizer="lbfgs"))
+  assert result["top1"] >= 95 and result["train_top1"] >= 95, result
+  assert result["converged"] and not result["fit_warning"] and result["l2"] in linear_probe.ProbeConfig().l2_grid
+  assert result["final_loss"] < 0.5 * np.log(10)
+  # MAE's recipe, as the demo had it: ~200 LARS steps leave the head at its initialisation, and it says so.
+  lars = linear_probe.train_probe(train_x, train_y, test_x, test_y, linear_probe.ProbeConfig(
+      epochs=30, batch_size=256, eval_batch_size=512, warmup_epochs=3.0))
+  assert lars["top1"] < 50 and "did not fit" in lars["fit_warning"], lars
+
+
+def test_convex_probe_chooses_its_penalty_on_held_out_training_rows():
+  (train_x, train_y), (test_x, test_y) = _gaussian_classes(dim=256)
+  config = linear_probe.ProbeConfig(optimizer="lbfgs", l2_grid=(1e-6, 1.0), max_iter=300)
+  result = linear_probe.train_probe(train_x[:300], train_y[:300], test_x, test_y, config)
+  assert set(result["val_top1"]) == {1e-6, 1.0}
+  assert result["l2"] == max(result["val_top1"], key=lambda l2: (result["val_top1"][l2], l2))
+  with pytest.raises(ValueError, match="l2_grid"):
+    linear_probe.ProbeConfig(optimizer="lbfgs", l2_grid=())
+  with pytest.raises(ValueError, match="probe optimizer 'adam'"):
+    linear_probe.ProbeConfig(optimizer="adam")

@@ -94,6 +94,8 @@ def reference_complete(model_config, params, labels, rng, bits, regenerate, conf
     pred = decode_one_step(step, cfg)
     if config.ordering == "confidence":
       score = (np.abs(pred - 0.5) * 2.0).mean(-1)
+    elif config.ordering == "random":
+      score = _uniform(rng, "order", (batch, num_tokens), step).copy()
     else:
       with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -(np.nan_to_num(pred * np.log(pred)) + np.nan_to_num((1 - pred) * np.log(1 - pred)))
@@ -152,14 +154,17 @@ def test_reverse_step_matches_repeated_one_step():
 
 
 # (a) CFG with both schedules and Gumbel noise, transcoding in padded sizes (4 here, to compile faster);
-# (b) cfg <= 1 (no null half), the entropy ordering and thresholded bits, every token transcoded.
+# (b) cfg <= 1 (no null half), the entropy ordering and thresholded bits, every token transcoded;
+# (c) the random ordering (a uniform order, whatever the model predicts).
 CONFIGS = {
     "cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=2.5, cfg_schedule="linear", gumbel_temp=0.5,
                                  gumbel_schedule="down", transcode_sizes=4),
     "no_cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, gumbel_schedule="up",
                                     ordering="entropy", token_sampling="threshold", transcode_sizes=1),
+    "random": sampler.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, ordering="random",
+                                    transcode_sizes=4),
 }
-LABELS = {"cfg": np.array([0, 1, 2, 3, 4, 5, 6, 10]), "no_cfg": np.array([7, 10])}
+LABELS = {"cfg": np.array([0, 1, 2, 3, 4, 5, 6, 10]), "no_cfg": np.array([7, 10]), "random": np.array([2, 9])}
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +247,7 @@ def test_bad_inputs(tiny):
   with pytest.raises(ValueError, match="label_weights"):
     sampler.generate(cfg, params, np.array([[0, 1]]), jax.random.key(0))
   with pytest.raises(ValueError, match="unknown ordering"):
-    sampler.SamplerConfig(ordering="random")
+    sampler.SamplerConfig(ordering="raster")
   with pytest.raises(ValueError, match="unknown mask_schedule"):
     sampler.SamplerConfig(mask_schedule="cos")
 

@@ -156,3 +156,23 @@ def test_drawn_randomness_follows_the_original_distributions():
   # Deterministic draws drop no label.
   kept = bigr.BiGR(model).apply({"params": params}, bits, deterministic=True, rngs=rngs, method=bigr.BiGR.loss_draws)
   assert not np.asarray(kept.drop_label).any()
+
+
+def test_the_original_warmup_grouping_is_an_option():
+  """`optim.warmup_decayed=False`: the original's warmup reaches the undecayed group only."""
+  params = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones((2,), np.float32)}
+  grads = {"kernel": np.full((2, 2), 0.5, np.float32), "bias": np.full((2,), 0.5, np.float32)}
+  mask = {"kernel": True, "bias": False}
+  moved = {}
+  for warmup_decayed in (True, False):
+    optimizer = state_lib.make_optimizer(dict(lr=1e-2, warmup_steps=10, grad_clip=0.0, weight_decay=0.1,
+                                              warmup_decayed=warmup_decayed), 100, mask)
+    opt_state = optimizer.init(params)
+    for _ in range(2):  # the warmup's first rate is 0, its second 1e-3
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+    moved[warmup_decayed] = {k: float(np.abs(updates[k]).max()) for k in params}
+    assert jax.tree_util.tree_structure(opt_state) == jax.tree_util.tree_structure(
+        state_lib.make_optimizer(dict(lr=1e-2, grad_clip=0.0), 100, mask).init(params))  # same checkpoint layout
+  assert moved[True]["kernel"] == pytest.approx(1e-3 * (1 + 0.1), rel=1e-4)  # rate 1e-3 x (Adam's 1 + decay)
+  assert moved[False]["kernel"] == pytest.approx(1e-2 * (1 + 0.1), rel=1e-4)  # the full rate
+  assert moved[True]["bias"] == moved[False]["bias"] == pytest.approx(1e-3, rel=1e-4)

@@ -1,6 +1,6 @@
 """Evaluation: pooled BiGR features and linear probes; FID / sFID / IS / precision-recall with a Flax FID Inception.
 
-Entry points (`run.py`): `extract_features`, `probe_features`, `evaluate_samples`, configured by
+Entry points (`run.py`): `extract_features`, `probe_features`, `features_and_probe`, `evaluate_samples`, configured by
 `config.evaluation` (`EvaluationConfig` lists every field).
 """
 
@@ -8,5 +8,6 @@ from bigr_jax.evaluation.run import EvaluationConfig
 from bigr_jax.evaluation.run import evaluate_samples
 from bigr_jax.evaluation.run import evaluation_config
 from bigr_jax.evaluation.run import extract_features
+from bigr_jax.evaluation.run import features_and_probe
 from bigr_jax.evaluation.run import probe_features
 from bigr_jax.evaluation.run import refuse_finished_evaluation

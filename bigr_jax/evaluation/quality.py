@@ -5,7 +5,10 @@ Class accuracy alone cannot see mode collapse: ten copies of one good digit per 
 - precision and recall (k = 3, `metrics.precision_recall`) against the real training features;
 - diversity: the mean pairwise feature distance within each class, averaged over the classes.
 The floor is the same report for real held-out images (as many per class as the samples have) against the real
-training images: what a perfect generator would score with that many images. The features are the classifier's
+training images: what a perfect generator would score with that many images. The ceiling is the report for the
+tokenizer's reconstructions of those same held-out images: what a generator that reproduced their codes exactly
+would score, so a gap between samples and ceiling is the generator's and a gap between ceiling and floor the
+tokenizer's. The features are the classifier's
 penultimate (hidden) activations, not its logits. ImageNet keeps the Inception path (`metrics`, `run`).
 """
 
@@ -89,11 +92,16 @@ class QualityReport:
   train_features: np.ndarray
   held_out_images: np.ndarray
   held_out_labels: np.ndarray
+  held_out_reconstructions: Optional[np.ndarray] = None  # the tokenizer's, of held_out_images, in order
 
   @classmethod
-  def from_splits(cls, train_images, train_labels, held_out_images, held_out_labels, seed: int = 0):
+  def from_splits(cls, train_images, train_labels, held_out_images, held_out_labels, seed: int = 0,
+                  held_out_reconstructions=None):
     space = FeatureSpace.fit(train_images, train_labels, seed)
-    return cls(space, space.features(train_images), np.asarray(held_out_images), np.asarray(held_out_labels))
+    if held_out_reconstructions is not None and len(held_out_reconstructions) != len(held_out_images):
+      raise ValueError(f"{len(held_out_reconstructions)} reconstructions of {len(held_out_images)} held-out images")
+    return cls(space, space.features(train_images), np.asarray(held_out_images), np.asarray(held_out_labels),
+               held_out_reconstructions)
 
   def samples(self, images, labels) -> dict:
     return score(self.space, self.train_features, images, labels)
@@ -103,9 +111,19 @@ class QualityReport:
     subset = matching_subset(self.held_out_labels, labels)
     return score(self.space, self.train_features, self.held_out_images[subset], self.held_out_labels[subset])
 
+  def ceiling(self, labels) -> Optional[dict]:
+    """The report for the tokenizer's reconstructions of the floor's images (None without reconstructions)."""
+    if self.held_out_reconstructions is None:
+      return None
+    subset = matching_subset(self.held_out_labels, labels)
+    return score(self.space, self.train_features, self.held_out_reconstructions[subset],
+                 self.held_out_labels[subset])
 
-def summary_line(samples: dict, floor: dict) -> str:
+
+def summary_line(samples: dict, floor: dict, ceiling: Optional[dict] = None) -> str:
+  """Each figure of the samples, with the tokenizer's reconstructions' (ceiling) and the real images' (floor)."""
   names = (("fd", "FD", ".2f"), ("precision", "precision", ".2f"), ("recall", "recall", ".2f"),
            ("diversity", "diversity", ".2f"), ("class_accuracy", "class accuracy", ".0%"))
   shown = lambda value, fmt: "n/a" if value is None else f"{value:{fmt}}"  # diversity of one image per class
-  return "; ".join(f"{label} {shown(samples[key], fmt)} (real {shown(floor[key], fmt)})" for key, label, fmt in names)
+  beside = lambda key, fmt: (f"B-AE {shown(ceiling[key], fmt)}, " if ceiling else "") + f"real {shown(floor[key], fmt)}"
+  return "; ".join(f"{label} {shown(samples[key], fmt)} ({beside(key, fmt)})" for key, label, fmt in names)

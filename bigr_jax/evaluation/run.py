@@ -158,10 +158,12 @@ def extract_features(config, workdir: str, *, params=None, splits=None, mesh=Non
   return out
 
 
-def probe_features(config, workdir: str, *, mesh=None) -> dict:
-  """Linear probe of every extracted layer (train on splits[0], evaluate on splits[1]).
+def probe_features(config, workdir: str, *, mesh=None, baselines: Optional[dict] = None) -> dict:
+  """Linear probe of every extracted layer (train on splits[0], evaluate on splits[1]), and of each baseline
+  (name -> (train features, train labels, eval features, eval labels), e.g. raw pixels) with the same recipe.
 
-  Writes `<workdir>/linear_probe.json` and returns {"layers": {layer: {top1, top5, ...}}, "best_layer", ...}.
+  Writes `<workdir>/linear_probe.json` and returns {"layers": {layer: {top1, top5, train_top1, final_loss, ...}},
+  "best_layer", "best_top1", "best_top5", "baselines": {name: {...}}}.
   """
   ev = evaluation_config(config)
   if len(ev.splits) < 2:
@@ -170,11 +172,34 @@ def probe_features(config, workdir: str, *, mesh=None) -> dict:
   eval_feats, eval_labels = features_lib.load_features(features_dir(config, workdir, ev.splits[1]))
   probe_config = ev.probe
   num_classes = config.model.get("num_classes", None) if config.get("model", None) else None
+  mesh = _mesh(config, mesh)
   result = linear_probe.layer_sweep(train_feats, train_labels, eval_feats, eval_labels, probe_config,
-                                    mesh=_mesh(config, mesh), num_classes=num_classes)
+                                    mesh=mesh, num_classes=num_classes)
+  result["baselines"] = {name: linear_probe.train_probe(*arrays, probe_config, mesh=mesh, num_classes=num_classes)
+                         for name, arrays in (baselines or {}).items()}
   _write_json(os.path.join(workdir, "linear_probe.json"),
               {**result, "layers": {str(k): v for k, v in result["layers"].items()},
                "probe": probe_config.__dict__, "condition": ev.condition})
+  return result
+
+
+def probe_summary(result: dict) -> str:
+  """One line per probed layer and baseline: test and train top-1, the best layer marked."""
+  lines = [f"linear probe ({len(result['layers'])} layers): best block {result['best_layer']}, top-1 "
+           f"{result['best_top1']:.1f}%"]
+  rows = [(f"block {layer}", r) for layer, r in result["layers"].items()] + list(result.get("baselines", {}).items())
+  for name, r in rows:
+    lines.append(f"  {name:<8} test top-1 {r['top1']:5.1f}%  train top-1 {r['train_top1']:5.1f}%  "
+                 f"loss {r['final_loss']:.3f}" + ("  (did not fit)" if r["fit_warning"] else ""))
+  return "\n".join(lines)
+
+
+def features_and_probe(config, workdir: str, baselines: Optional[dict] = None) -> dict:
+  """`--mode=features`: pooled features of `evaluation.splits`, then the probe of every layer (and baseline);
+  prints the table and writes `<workdir>/linear_probe.json`."""
+  extract_features(config, workdir)
+  result = probe_features(config, workdir, baselines=baselines)
+  print(f"{probe_summary(result)}\n({os.path.join(workdir, 'linear_probe.json')})", flush=True)
   return result
 
 

@@ -146,6 +146,9 @@ class TokenizerConfig:
   # Training memory: keep only each residual and attention block's input and recompute the rest in the backward
   # pass (our addition; results are unchanged).
   remat: bool = False
+  # Our addition, for grayscale datasets (the demo's digits, MNIST): the decoder's channels are averaged, so
+  # reconstructions and samples are grey, as the data is. The weights are the same either way.
+  grayscale: bool = False
 
   def __post_init__(self):
     # Lists from a config file or a recorded hparams string become tuples, so the config stays hashable.

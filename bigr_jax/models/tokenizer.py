@@ -306,7 +306,10 @@ class BinaryAutoEncoder(nn.Module):
     """Bits (B, h, w, K) -> images (B, h*f, w*f, 3) float32, unbounded (clip to [0, 1] for display)."""
     if bits.shape[-1] != self.config.codebook_size:
       raise ValueError(f"bits must be (B, h, w, {self.config.codebook_size}), got shape {bits.shape}")
-    return self.generator(self.quantize.embed_bits(bits)).astype(jnp.float32)
+    images = self.generator(self.quantize.embed_bits(bits)).astype(jnp.float32)
+    if self.config.grayscale:  # one grey value per pixel, in every channel
+      images = jnp.broadcast_to(images.mean(axis=-1, keepdims=True), images.shape)
+    return images
 
   def __call__(self, images, deterministic: Optional[bool] = None):
     """Reconstruction (B, H, W, 3) float32 and aux: bits, bit_probs, code_loss, entropy terms."""

@@ -33,18 +33,19 @@ from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.models.transcoder import bernoulli_posterior, reverse_coefficients
 from bigr_jax.sampling import schedules
 
-ORDERINGS = ("confidence", "entropy")
+ORDERINGS = ("confidence", "entropy", "random")
 TOKEN_SAMPLING = ("bernoulli", "threshold")
 # One key per purpose; each is folded with the iteration (and the diffusion step).
-NOISE_PURPOSES = {"init": 0, "diffusion": 1, "gumbel": 2, "tokens": 3}
+NOISE_PURPOSES = {"init": 0, "diffusion": 1, "gumbel": 2, "tokens": 3, "order": 4}
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """Sampling hyper-parameters. Defaults: the release's `script/sample.sh` (cfg 3, 20 iterations, tau 0.01).
 
-  ordering: "confidence" (the original: mean |2p - 1| over bits) or "entropy" (minus the mean binary
-    entropy of the bits). token_sampling: "bernoulli" (the original) or "threshold" (p > 0.5).
+  ordering: "confidence" (the original: mean |2p - 1| over bits), "entropy" (minus the mean binary
+    entropy of the bits) or "random" (a uniform order, ignoring the model: the baseline the others are measured
+    against). token_sampling: "bernoulli" (the original) or "threshold" (p > 0.5).
   transcode_sizes: the still-masked tokens are transcoded in the smallest padded size, a multiple of
     ceil(N / transcode_sizes), that holds them; 1 transcodes every token every iteration, as the original.
   resample_known: when completing given tokens (inpainting, ...), the original's budget: counts for the
@@ -137,7 +138,7 @@ class SampleOutput:
 
 
 def noise_key(rng, purpose: str, *indices):
-  """The key of one purpose ("init", "diffusion", "gumbel", "tokens") folded with the given indices."""
+  """The key of one purpose (a `NOISE_PURPOSES` name) folded with the given indices."""
   key = jax.random.fold_in(rng, NOISE_PURPOSES[purpose])
   for index in indices:
     key = jax.random.fold_in(key, index)
@@ -172,7 +173,8 @@ def model_fns(config: GeneratorConfig, params, labels, label_weights=None, guida
 
 
 def token_scores(probs, ordering: str = "confidence"):
-  """(B, N) score of each token from its bit probabilities (B, N, K): higher is decoded first."""
+  """(B, N) score of each token from its bit probabilities (B, N, K): higher is decoded first ("random" is
+  drawn in `_decode_tokens`)."""
   if ordering == "confidence":
     return jnp.mean(jnp.abs(probs - 0.5) * 2.0, axis=-1)
   entropy = -(jax.scipy.special.xlogy(probs, probs) + jax.scipy.special.xlogy(1 - probs, 1 - probs))
@@ -265,7 +267,11 @@ def _transcode(fns: ModelFns, config: SamplerConfig, cond, masked, num_bits, t_e
 def _decode_tokens(config: SamplerConfig, state: SamplerState, probs, counts, gumbel_temp, rng, iteration,
                    constrain):
   """Decodes each row's `counts` best-scoring tokens (decoded ones score -inf) from bit probabilities."""
-  scores = jnp.where(state.masked, token_scores(probs, config.ordering), -jnp.inf)
+  if config.ordering == "random":
+    scores = jax.random.uniform(noise_key(rng, "order", iteration), state.masked.shape)
+  else:
+    scores = token_scores(probs, config.ordering)
+  scores = jnp.where(state.masked, constrain(scores), -jnp.inf)
   gumbel = constrain(jax.random.gumbel(noise_key(rng, "gumbel", iteration), scores.shape))
   chosen = constrain(top_k_mask(scores + gumbel_temp * gumbel, counts))
   if config.token_sampling == "bernoulli":

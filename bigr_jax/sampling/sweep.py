@@ -7,7 +7,7 @@ second, compiled, run on this machine. Writes <workdir>/sweep/:
 - sweep.json: one row per setting (appended as each finishes, so a rerun resumes with the settings not yet done;
   rows of earlier grids stay, the summary fields cover this grid);
 - sweep.png: FD and recall against images/s, the Pareto front (no other setting is both faster and lower in FD)
-  marked;
+  marked, with the real images' figures (floor) and the tokenizer's reconstructions' (ceiling) as lines;
 and prints the best setting (lowest FD) at or above `sweep.min_images_per_s`.
 """
 
@@ -62,9 +62,9 @@ def best_within_budget(rows: list[dict], min_images_per_s: float):
   return min(fast_enough, key=lambda r: r["fd"]) if fast_enough else None
 
 
-def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None:
+def plot(rows: list[dict], path, title: str, floor=None, highlight=None, ceiling=None) -> None:
   """FD and recall against images/s, the Pareto front joined, `floor` (real images' figures) as a dashed line,
-  `highlight` (a setting dict) ringed."""
+  `ceiling` (the tokenizer's reconstructions') as a dotted one, `highlight` (a setting dict) ringed."""
   front = pareto_front(rows)
   varying = [k for k in rows[0]["setting"] if len({json.dumps(r["setting"][k]) for r in rows}) > 1]
   label_of = lambda r: setting_name({k: r["setting"][k] for k in varying})
@@ -85,6 +85,8 @@ def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None
                        label="the paper's setting")
     if floor is not None:
       axis.axhline(floor[key], color="gray", linestyle="--", label="real held-out images")
+    if ceiling is not None:
+      axis.axhline(ceiling[key], color="tab:green", linestyle=":", label="B-AE reconstructions of them")
     axis.set_xscale("log")
     axis.set_xlabel("images/s on this machine")
     axis.set_ylabel(label)
@@ -99,11 +101,13 @@ def plot(rows: list[dict], path, title: str, floor=None, highlight=None) -> None
     figure.savefig(tmp, format="png", dpi=110)
 
 
-def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "", highlight=None) -> dict:
+def run_sweep(config, workdir, scorer: Callable, *, floor=None, ceiling=None, title: str = "",
+              highlight=None) -> dict:
   """Samples, scores and times every setting of `config.sweep` with the run's generator and B-AE.
 
-  `scorer(images, labels)` returns a dict with at least fd and recall; `floor`, the same for real images, is
-  drawn on the plot and kept in the table. `highlight`: a setting to ring on the plot.
+  `scorer(images, labels)` returns a dict with at least fd and recall; `floor` and `ceiling`, the same for real
+  images and for the tokenizer's reconstructions of them, are drawn on the plot and kept in the table.
+  `highlight`: a setting to ring on the plot.
   """
   sweep = typed_config.from_section(SweepConfig, config.sweep, "config.sweep")
   settings = sweep.settings()
@@ -139,11 +143,11 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, title: str = "",
           f"{row['recall']:.2f}, {row['images_per_s']:.1f} images/s", flush=True)
   wanted = {key(setting, sweep.per_class) for setting in settings}
   current = [r for r in rows if key(r["setting"], r["per_class"]) in wanted]  # this grid's, in the plot and best
-  plot(current, out / "sweep.png", title, floor, highlight)
+  plot(current, out / "sweep.png", title, floor, highlight, ceiling)
   best = best_within_budget(current, sweep.min_images_per_s)
   summary = {"rows": rows, "grid": [r["setting"] for r in current], "per_class": sweep.per_class,
              "pareto_front": [r["setting"] for r in pareto_front(current)],
-             "min_images_per_s": sweep.min_images_per_s, "best": best, "floor": floor}
+             "min_images_per_s": sweep.min_images_per_s, "best": best, "floor": floor, "ceiling": ceiling}
   files.write_json(table_path, summary)
   if best is None:
     print(f"sweep: no setting reaches {sweep.min_images_per_s} images/s; the fastest gives "

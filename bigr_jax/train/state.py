@@ -29,7 +29,10 @@ class OptimConfig:
 
   schedule: "constant" (the original generator), "cosine" (to min_lr_ratio * lr at the last step), or
   "step" (x decay_factor at step decay_step, as Binary Latent Diffusion trains the B-AE); any of them
-  after `warmup_steps` of linear warmup. grad_clip: global-norm clipping (0: none).
+  after `warmup_steps` of linear warmup. grad_clip: global-norm clipping (0: none). warmup_decayed: the warmup
+  reaches every tensor (ours); False is the original generator's `train_ddp.py`, whose warmup rewrites the lr of
+  its first parameter group only, the undecayed one, so decayed tensors train at the full rate from step 0 (no
+  release used a warmup).
   """
   name: str = "adamw"
   lr: float = 1e-4
@@ -44,6 +47,7 @@ class OptimConfig:
   decay_step: int = 0
   decay_factor: float = 0.1
   grad_accum_steps: int = 1
+  warmup_decayed: bool = True
 
   def __post_init__(self):
     if self.name not in ("adamw", "adam"):
@@ -79,7 +83,13 @@ def make_optimizer(optim_config, total_steps: int, decay_mask: Any = None) -> op
   accumulation; `optim_config` is an `OptimConfig` or a section it is built from."""
   optim = OptimConfig.from_config(optim_config)
   schedule = learning_rate_schedule(optim, total_steps)
-  if optim.name == "adamw":
+  if optim.name == "adamw" and not optim.warmup_decayed and decay_mask is not None:
+    # adamw's own chain, with a per-group rate: the decayed tensors skip the warmup (the original's grouping).
+    full_rate = learning_rate_schedule(dataclasses.replace(optim, warmup_steps=0), total_steps)
+    rates = jax.tree_util.tree_map(lambda decayed: full_rate if decayed else schedule, decay_mask)
+    opt = optax.chain(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+                      optax.add_decayed_weights(optim.weight_decay, decay_mask), scale_by_group_rates(rates))
+  elif optim.name == "adamw":
     opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                       mask=decay_mask)
   else:
@@ -89,6 +99,17 @@ def make_optimizer(optim_config, total_steps: int, decay_mask: Any = None) -> op
   if optim.grad_accum_steps > 1:
     opt = optax.MultiSteps(opt, every_k_schedule=optim.grad_accum_steps)
   return opt
+
+
+def scale_by_group_rates(rates) -> optax.GradientTransformation:
+  """Scales each update by minus its own schedule (`rates`: a schedule per parameter), counting steps as
+  `optax.scale_by_learning_rate` does, so the optimizer state keeps adamw's layout."""
+  def update(updates, state, params=None):
+    del params
+    updates = jax.tree_util.tree_map(lambda u, rate: -rate(state.count) * u, updates, rates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+  return optax.GradientTransformation(lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
+                                      update)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
