@@ -65,7 +65,7 @@ class ProbeConfig:
   # that chooses, and when a fit stops.
   l2_grid: tuple = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
   val_fraction: float = 0.2
-  max_iter: int = 1000
+  max_iter: int = 5000
   tol: float = 1e-5
 
   def __post_init__(self):
