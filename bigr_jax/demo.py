@@ -128,7 +128,17 @@ def evaluate(config, workdir) -> dict:
 
 
 # BiGR-L's, in the paper
-PAPER_SETTING = {"num_iter": 20, "cfg_scale": 2.5, "gumbel_temp": 0.17, "infer_steps": 100, "ordering": "confidence"}
+PAPER_SETTING = {"num_iter": 20, "cfg_scale": 2.5, "cfg_schedule": "constant", "gumbel_temp": 0.17, "infer_steps": 100,
+                 "ordering": "confidence"}
+
+
+def paper_point(gen):
+  """The paper's setting as a point of the sweep's grid (the fields outside the grid fixed by `gen.sample`), or
+  None where the sweep cannot hold it."""
+  fixed = {k: v for k, v in PAPER_SETTING.items() if k not in gen.sweep.grid}
+  if not set(gen.sweep.grid) <= set(PAPER_SETTING) or any(gen.sample[k] != v for k, v in fixed.items()):
+    return None
+  return {k: PAPER_SETTING[k] for k in gen.sweep.grid}
 
 
 def sweep(config, workdir) -> dict:
@@ -137,9 +147,8 @@ def sweep(config, workdir) -> dict:
   gen, gen_workdir = generator_stage(config, workdir)
   report = quality_report(config, workdir)
   labels = np.repeat(np.arange(gen.model.num_classes), gen.sweep.per_class)
-  highlight = {k: PAPER_SETTING[k] for k in gen.sweep.grid} if set(gen.sweep.grid) <= set(PAPER_SETTING) else None
   return sweep_lib.run_sweep(gen, gen_workdir, report.samples, floor=report.floor(labels),
-                             ceiling=report.ceiling(labels), highlight=highlight,
+                             ceiling=report.ceiling(labels), highlight=paper_point(gen),
                              title=f"demo sampler sweep: {len(labels)} samples per setting, scored against real "
                                    "digits in a digit classifier's features")
 

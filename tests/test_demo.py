@@ -15,9 +15,9 @@ from sklearn.preprocessing import StandardScaler
 from bigr_jax import data
 from bigr_jax.evaluation import features
 from conftest import ROOT, run_quick_demo, user_env
-# configs/demo.py:quick trains each stage briefly: 40% of its 20 samples were recognised (chance 10%), at FD 43
-# against the floor's 16 (real held-out digits, as many per class).
-QUICK_ACCURACY = 0.25
+# configs/demo.py:quick trains each stage briefly: 20% and 35% of its samples were recognised in two runs of 20
+# (chance 10%). Of 50, chance recognises 10 or more with probability 2.5%.
+QUICK_ACCURACY = 0.2
 
 
 @pytest.mark.slow
@@ -25,11 +25,11 @@ QUICK_ACCURACY = 0.25
 def test_demo_then_every_mode_on_its_workdir(quick_demo):
   workdir, out = quick_demo
   summary = json.loads((workdir / "demo.json").read_text())
-  assert summary["num_samples"] == 20
+  assert summary["num_samples"] == 50
   assert summary["real_digit_accuracy"] > 0.9  # the judge itself is sound
   assert summary["sample_class_accuracy"] >= QUICK_ACCURACY, summary
   samples, ceiling, floor = (summary["quality"][k] for k in ("samples", "ceiling", "floor"))
-  assert floor["recall"] > 0.8 and floor["num_images"] == samples["num_images"] == ceiling["num_images"] == 20
+  assert floor["recall"] > 0.8 and floor["num_images"] == samples["num_images"] == ceiling["num_images"] == 50
   assert floor["fd"] < samples["fd"] < 10 * floor["fd"], summary["quality"]  # worse than real, not noise
   # The B-AE's reconstructions of the held-out digits lie between: the tokenizer's share of the gap.
   assert floor["fd"] < ceiling["fd"] < samples["fd"], summary["quality"]

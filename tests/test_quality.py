@@ -84,3 +84,11 @@ def test_a_grid_field_that_config_sample_lacks_is_named_before_any_work(tmp_path
   with pytest.raises(ValueError, match="config.sweep.grid.num_iterations is not a config.sample field"):
     sweep.run_sweep(gen, tmp_path / "generator", scorer=None)
   assert not (tmp_path / "generator").exists()
+
+
+def test_the_paper_setting_is_ringed_only_where_the_sweep_holds_it():
+  gen = config_lib.load_config_file(str(ROOT / "configs" / "demo.py")).generator
+  assert gen.sample.cfg_schedule == "linear" and demo.paper_point(gen) is None  # the paper's guidance is constant
+  gen.sample.cfg_schedule = "constant"
+  assert demo.paper_point(gen) == {"num_iter": 20, "cfg_scale": 2.5, "gumbel_temp": 0.17, "infer_steps": 100,
+                                   "ordering": "confidence"}

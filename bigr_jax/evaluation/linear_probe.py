@@ -342,7 +342,6 @@ def fit_logistic_regression(train_features, train_labels, eval_features, eval_la
   if key not in cache:
     cache[key] = _logistic_regression_program(config, num_classes, mesh)
   fit = cache[key]
-  shards = parallel.round_up_to_shards(1, mesh)
 
   def fit_rows(x, y, l2):
     padded = parallel.round_up_to_shards(len(x), mesh)  # zero-weight rows fill the last shard
@@ -353,7 +352,7 @@ def fit_logistic_regression(train_features, train_labels, eval_features, eval_la
     return np.asarray(kernel), np.asarray(bias), int(iterations), float(grad_norm)
 
   order = np.random.default_rng(config.seed).permutation(len(train_x))
-  held = order[:max(shards, int(round(config.val_fraction * len(train_x))))]
+  held = order[:max(1, int(round(config.val_fraction * len(train_x))))]
   kept = order[len(held):]
   val_top1 = {}
   for l2 in config.l2_grid:
