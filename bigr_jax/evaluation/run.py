@@ -11,7 +11,8 @@ All settings live in `config.evaluation`, the fields of `EvaluationConfig` (thei
   params              an orbax params checkpoint (`python -m bigr_jax.convert from-torch`); empty: the
                       latest training checkpoint in the workdir
   use_ema             take the EMA params of a training checkpoint
-  probe               linear-probe recipe, the fields of `linear_probe.ProbeConfig` (MAE defaults)
+  probe               linear-probe recipe, the fields of `linear_probe.ProbeConfig` (MAE's LARS by default;
+                      optimizer="lbfgs" fits features that fit in memory to convergence)
   sample_batch        ADM-layout .npz of samples (empty: <workdir>/samples/fid.npz, which --mode=evaluate
                       generates first when it is missing)
   reference_batch     ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz
