@@ -47,19 +47,22 @@ def features(config, workdir) -> dict:
   probed beside the same probe on raw pixels and on the B-AE's codes (their bits, flattened), the inputs the
   generator's representation is measured against; writes generator/linear_probe.json."""
   gen, gen_workdir = generator_stage(config, workdir)
-  pixels = [real_images(config, split) for split in SPLITS]
-  codes = [_codes(pathlib.Path(workdir), split) for split in SPLITS]
   flat = lambda images: images.reshape(len(images), -1).astype(np.float32)  # noqa: E731
-  baselines = {"pixels": (flat(pixels[0][0]), pixels[0][1], flat(pixels[1][0]), pixels[1][1]),
-               "codes": (flat(codes[0][0]), codes[0][1], flat(codes[1][0]), codes[1][1])}
+  probe_input = lambda train, test: (flat(train[0]), train[1], flat(test[0]), test[1])  # noqa: E731
+  baselines = {"pixels": probe_input(*(real_images(config, split) for split in SPLITS)),
+               "codes": probe_input(*(_codes(pathlib.Path(workdir), split) for split in SPLITS))}
   return evaluation.features_and_probe(gen, gen_workdir, baselines=baselines)
 
 
 def _codes(workdir: pathlib.Path, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(bits (N, T, K), labels) of a split's codes in the workdir's tokenizer/codes."""
-  source = data.CodesSource(str(workdir / "tokenizer" / "codes" / split), flip=False)
+  return _stacked(data.CodesSource(str(workdir / "tokenizer" / "codes" / split), flip=False), "codes")
+
+
+def _stacked(source, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(every record's `key`, stacked; their labels) of a random-access source."""
   records = [source[i] for i in range(len(source))]
-  return np.stack([r["codes"] for r in records]), np.asarray([r["label"] for r in records])
+  return np.stack([r[key] for r in records]), np.asarray([r["label"] for r in records])
 
 
 def encode(config, workdir, overwrite: bool = False):
@@ -84,9 +87,7 @@ def dataset_split(config, split: str):
 
 def real_images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images, labels) of every record of a split of the demo's dataset."""
-  source = dataset_split(config, split)
-  records = [source[i] for i in range(len(source))]
-  return np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records])
+  return _stacked(dataset_split(config, split), "image")
 
 
 def quality_report(config, workdir) -> quality.QualityReport:
