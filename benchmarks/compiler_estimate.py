@@ -35,14 +35,18 @@ def estimate(compiled) -> dict:
               flops=float(cost.get("flops", 0.0)))
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--topology", default="v5e:2x2")
   parser.add_argument("--attention_batches", default="1,2,16,64")
   parser.add_argument("--config", default="configs/bigr_l.py:tpu=v5e")
   parser.add_argument("--per_chip", type=int, default=16)
   parser.add_argument("--blocks", default="1,2,4", help="comma-separated; empty: no train step")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   devices = chips.target_devices(chips.CompileConfig(topology=args.topology))
   results = dict(attention={}, train_step={})
   one_chip = jax.sharding.SingleDeviceSharding(devices[0])

@@ -80,13 +80,17 @@ def bench_features(name: str, mesh, batch: int, repeats: int) -> dict:
           "images_per_s": round(batch / best, 3), "s_per_batch": round(best, 4), "first_call_s": round(first, 2)}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--image_size", type=int, default=256)
   parser.add_argument("--models", default="small,L")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
   result = {"inception": bench_inception(mesh, args.batch, args.image_size, args.repeats),
             "features": {name: bench_features(name, mesh, args.batch, args.repeats)

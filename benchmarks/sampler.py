@@ -140,7 +140,7 @@ def bench_original(name: str, num_iters, batch: int, infer_steps: int, cfg_scale
   return dict(torch_version=torch.__version__, torch_threads=torch.get_num_threads(), runs=runs)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default="tiny,L-d4", help=f"comma-separated, of {sorted(CONFIGS)}")
   parser.add_argument("--num_iters", default="4,8,20")
@@ -151,7 +151,11 @@ def main():
   parser.add_argument("--original", action="store_true", help="also time the original PyTorch sampler")
   parser.add_argument("--original_full", action="store_true", help="time every original setting in full")
   parser.add_argument("--original_repo", default="/work/.mirror/haoosz+BiGR/repo")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   num_iters = [int(i) for i in args.num_iters.split(",")]
   result = dict(benchmark="sampler", backend=jax.default_backend(), devices=str(jax.devices()[0]),
                 cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(), batch=args.batch,

@@ -60,14 +60,18 @@ def measure(config, workdir: pathlib.Path, report, dim: int, seed: int, steps: i
           "probe_top1_by_block": {str(k): v["top1"] for k, v in probe["layers"].items()}}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/demo.py")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--dims", default="64,128,256")
   parser.add_argument("--seeds", default="0")
   parser.add_argument("--steps", type=int, default=0, help="training steps of each size (0: the config's)")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   config = typed_config.load_config_file(args.config)
   workdir = pathlib.Path(args.workdir)
   if not (workdir / "tokenizer" / "codes" / "test").is_dir():

@@ -54,12 +54,16 @@ def bench(config: tokenizer.TokenizerConfig, batch: int, repeats: int) -> dict:
   }
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--models", default="d24,small")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   results = {name: bench(MODELS[name], args.batch, args.repeats) for name in args.models.split(",")}
   print(json.dumps({
       "benchmark": "tokenizer", "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),

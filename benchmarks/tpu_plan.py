@@ -75,13 +75,17 @@ def compile_one(config: str, slice_name: str, extra: list, timeout: int) -> dict
       return dict(plan(json.load(f)), seconds=seconds)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated files in configs/ (with :args)")
   parser.add_argument("--slices", default=",".join(SLICES), help=f"comma-separated, of {list(SLICES)}")
   parser.add_argument("--set", default="", help="comma-separated --config.* overrides for every run")
   parser.add_argument("--timeout", type=int, default=7200, help="seconds per compile run")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   extra = [s for s in args.set.split(",") if s]
   results = {}
   for config in args.configs.split(","):

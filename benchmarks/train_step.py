@@ -245,7 +245,7 @@ def bench(name: str, args) -> dict:
   return result
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--configs", default="runlocal,tiny,L-d4", help=f"comma-separated, of {sorted(CONFIGS)}")
   parser.add_argument("--layers", type=int, default=4, help="depth of L-d4")
@@ -260,7 +260,11 @@ def main():
                       help="seconds of timed steps per turn (at least one step); turns of each side alternate")
   parser.add_argument("--original_compile", action="store_true", help="torch.compile the original")
   parser.add_argument("--original_repo", default="/work/.mirror/haoosz+BiGR/repo")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   result = dict(benchmark="train_step", backend=jax.default_backend(), devices=str(jax.devices()[0]),
                 cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(), batch=args.batch,
                 dtype="float32", repeats=args.repeats, load_avg_start=os.getloadavg()[0], runs={},

@@ -81,14 +81,18 @@ def bench(name: str, args) -> dict:
   return result
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="demo,L", help="comma-separated, of demo, L")
   parser.add_argument("--layers", type=int, default=4, help="blocks of L")
   parser.add_argument("--batch", type=int, default=4, help="global batch of L (demo uses its config's)")
   parser.add_argument("--dtype", default="float32", help="compute dtype of L")
   parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = build_parser().parse_args()
   result = dict(benchmark="train_throughput", backend=jax.default_backend(), devices=jax.device_count(),
                 cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                 load_avg_start=os.getloadavg()[0],

@@ -337,15 +337,16 @@ def main(argv):
                                                  ssr_mode=False, quiet=True, footer_links=[])
 
 
-def _define_flags():
-  """Defined only when the app runs, so that importing it beside `bigr_jax.main` (whose flags share names) works."""
+def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv=None) -> None:
+  """Defined only when the app runs, so that importing it beside `bigr_jax.main` (whose flags share names) works;
+  on another set than FLAGS, a command line given as `sys_argv` parses."""
   config_flags.DEFINE_config_file("config", "configs/demo.py", "A generator or demo config (with optional :args).",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "The run's workdir (the demo's, or a generator's).")
-  flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.")
-  flags.mark_flags_as_required(["workdir"])
+                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "The run's workdir (the demo's, or a generator's).", flag_values=flag_values)
+  flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.", flag_values=flag_values)
+  flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   absl_app.run(main)

@@ -3,7 +3,8 @@
 A weights source is any of:
 - a training workdir (it has `checkpoints/`): the latest train state's EMA params (or the raw ones);
 - a params directory written by `python -m bigr_jax.convert from-torch` (an orbax params checkpoint);
-- a released PyTorch file (.pt / .pth / .th / .bin) or .npz / .safetensors, converted on the fly.
+- a released PyTorch file (.pt / .pth / .th / .bin) or .npz / .safetensors, converted on the fly;
+- such a file on the Hugging Face hub by name, `hf://<owner>/<repo>/<path>[@revision]` (`bigr_jax.hub`).
 Sampling, editing, evaluation, the demo and the app load through here; none of them imports `train/`.
 """
 
@@ -14,7 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from bigr_jax import typed_config
+from bigr_jax import hub, typed_config
 from bigr_jax.convert import generator_weights, io, params_io, tokenizer_weights
 from bigr_jax.models import bigr, tokenizer as tokenizer_lib
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
@@ -81,13 +82,15 @@ def generator_params(source, model_config: GeneratorConfig, use_ema: bool = True
   """BiGR generator params from any weights source; `use_ema` picks a workdir's EMA. With `abstract`
   (ShapeDtypeStructs with shardings) the shapes are checked and the params land in those shardings;
   without, they are numpy trees."""
-  return _read_params(source, lambda state_dict: generator_weights.torch_to_flax(state_dict, model_config),
+  return _read_params(hub.local_path(source, model_config),
+                      lambda state_dict: generator_weights.torch_to_flax(state_dict, model_config),
                       use_ema, nn.unbox(bigr.param_shapes(model_config)), abstract)
 
 
 def tokenizer_params(source, model_config: TokenizerConfig, use_ema: bool = True) -> Any:
   """B-AE params from any weights source (a released .th: its `ae.*` entries)."""
-  return _read_params(source, lambda state_dict: tokenizer_weights.torch_to_flax(state_dict, model_config),
+  return _read_params(hub.local_path(source, model_config),
+                      lambda state_dict: tokenizer_weights.torch_to_flax(state_dict, model_config),
                       use_ema, nn.unbox(tokenizer_lib.param_shapes(model_config)))
 
 

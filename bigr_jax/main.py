@@ -14,18 +14,28 @@ from typing import Callable, NamedTuple
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from bigr_jax import aot, demo, evaluation, files, parallel
+from bigr_jax import aot, artifacts, demo, evaluation, files, hub, parallel
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import checkpoints, generator, metrics, tokenizer
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (with optional :args).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created if missing).")
-flags.DEFINE_string("mode", None, "Overrides config.mode; one of bigr_jax.main.MODES.")
-flags.DEFINE_bool("overwrite", False, "Replace the finished outputs of encode (codes) and of a generator's evaluate "
-                  "(evaluation.json and its generated samples); without it they are refused before any work.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv=None) -> None:
+  """The command's flags, on `flag_values` (another set than FLAGS parses a command line given as `sys_argv`)."""
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (with optional :args).",
+                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created if missing).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("mode", None, "Overrides config.mode; one of bigr_jax.main.MODES.", flag_values=flag_values)
+  flags.DEFINE_bool("overwrite", False, "Replace the finished outputs of encode (codes) and of a generator's "
+                    "evaluate (evaluation.json and its generated samples); without it they are refused before any "
+                    "work.", flag_values=flag_values)
+  flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
+
+
+define_flags()
 
 
 def _evaluate(config, workdir, overwrite: bool = False):
@@ -89,10 +99,19 @@ def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
 
 def check_models(config) -> None:
   """Builds the config's model sections before any work, so that a nonsense shape field (dim, heads, layers,
-  bits, grid) is a message naming it rather than an error deep inside a model."""
+  bits, grid) is a message naming it rather than an error deep inside a model; and refuses a released file
+  named `hf://...` for a model it does not fit, before anything is downloaded."""
   stages = [config.tokenizer, config.generator] if config.get("family", None) == "demo" else [config]
   for stage in stages:
-    (TokenizerConfig if stage.family == "tokenizer" else GeneratorConfig).from_config(stage.model)
+    model = (TokenizerConfig if stage.family == "tokenizer" else GeneratorConfig).from_config(stage.model)
+    weights = [stage.get("init_from", ""), stage.get("evaluation", {}).get("params", "")]
+    for source in filter(None, weights):
+      hub.check_pairing(source, model)
+    checkpoint = stage.get("tokenizer", {}).get("checkpoint", "")
+    if checkpoint and stage.family == "tokenizer":
+      hub.check_pairing(checkpoint, model)
+    elif checkpoint and stage.tokenizer.get("config", ""):
+      hub.check_pairing(checkpoint, artifacts.tokenizer_model_config(stage.tokenizer))
 
 
 def run(config, workdir: str, mode: str, overwrite: bool = False):
@@ -110,8 +129,9 @@ def main(argv):
   try:
     entry_point(config, mode, FLAGS.overwrite)
     check_models(config)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  except ValueError as e:  # one line, not absl's usage text: the message names the setting and its choices
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
   try:
     run(config, FLAGS.workdir, mode, FLAGS.overwrite)
   except checkpoints.Preempted as e:

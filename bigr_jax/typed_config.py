@@ -3,12 +3,13 @@ defaults; a config section becomes one with `from_section`, which rejects keys t
 Also: loading a config file outside absl flags."""
 
 import dataclasses
-import importlib.util
 import pathlib
 import typing
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 
 def _as_dict(section) -> dict:
@@ -77,15 +78,21 @@ def _to_plain(values: Mapping) -> dict:
   return {k: (ml_collections.ConfigDict(_to_plain(v)) if isinstance(v, Mapping) else v) for k, v in values.items()}
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'path/to/config.py[:args]' the way --config does (for tools outside absl flags); locked, so that
-  a misspelled field is an error."""
-  path, _, arg = spec.partition(":")
+def load_config_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads 'path/to/config.py[:args]' with `--config.field=value` overrides exactly as `bigr_jax.main`'s
+  --config does (for tools outside its flags); locked, so that a misspelled field is an error."""
+  path = spec.partition(":")[0]
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"no config file {path}")
-  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  config.lock()
-  return config
+  argv = ["load_config_file", f"--config={spec}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True, sys_argv=argv)
+  try:
+    values(argv)
+  except (AttributeError, KeyError) as e:  # a field the config lacks: a KeyError names it and the nearest
+    key_error = e if isinstance(e, KeyError) else e.__context__
+    cause = key_error.args[0] if isinstance(key_error, KeyError) else str(e)
+    raise ValueError(f"unknown config field in {' '.join(overrides)}: {' '.join(str(cause).split())}") from e
+  except flags.Error as e:  # a value of the wrong type, or not a --config.* flag
+    raise ValueError(str(e)) from e
+  return values.config

@@ -127,6 +127,24 @@ def test_mismatched_weights_fail_before_writing(tmp_path, fixture_model, capsys)
                                     from_model_args(model_args))
 
 
+def test_config_overrides_reach_the_converter(tmp_path, fixture_model, capsys):
+  """`--config.*` overrides as in bigr_jax.main: the config's wrong bits are refused, the override that corrects
+  them converts, and a misspelled field is one line naming it."""
+  model_args, state_dict = fixture_model
+  source = tmp_path / "weights.npz"
+  io.write_state_dict(state_dict, source)
+  config = _config_file(tmp_path, model_args, binary_size=16)
+  bits = from_model_args(model_args).binary_size
+  command = ["from-torch", f"--config={config}", f"--input={source}"]
+  assert convert_cli.main([*command, f"--output={tmp_path / 'refused'}"]) == 2
+  assert convert_cli.main([*command, f"--output={tmp_path / 'params'}", f"--config.model.binary_size={bits}"]) == 0
+  assert (tmp_path / "params").is_dir() and not (tmp_path / "refused").exists()
+  capsys.readouterr()
+  assert convert_cli.main([*command, f"--output={tmp_path / 'typo'}", "--config.model.binary_sise=16"]) == 2
+  assert capsys.readouterr().err == ("error: unknown config field in --config.model.binary_sise=16: 'binary_sise' "
+                                     "Did you mean \"binary_size\" instead of \"binary_sise\"?\n")
+
+
 def test_weight_decay_mask_matches_original_rule(fixture_model):
   model_args, state_dict = fixture_model
   for scan in (True, False):

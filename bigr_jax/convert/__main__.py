@@ -1,6 +1,8 @@
 """Weights between the original PyTorch release and bigr_jax, both ways, for generators and the B-AE tokenizer.
 
   python -m bigr_jax.convert from-torch --config=configs/bigr_l.py:bits=24 --input=bigr_L_d24.pt --output=DIR
+  python -m bigr_jax.convert from-torch --config=configs/bigr_l.py:bits=24 \
+      --input=hf://haoosz/BiGR/gpt/bigr_L_d24.pt --output=DIR
   python -m bigr_jax.convert to-torch --config=configs/bigr_l.py:bits=24 --input=DIR --output=bigr_L_d24.pt
 
   python -m bigr_jax.convert from-torch --config=configs/bae_d24.py --input=binaryae_ema_1000000.th --output=DIR \
@@ -9,7 +11,9 @@
       --output=binaryae.th
   python -m bigr_jax.convert to-torch --config=configs/bae_d24.py --input=WORKDIR [--raw-params] --output=binaryae.th
 
-The config's `family` field picks the model: "generator" or "tokenizer" (the B-AE).
+The config's `family` field picks the model: "generator" or "tokenizer" (the B-AE). Its fields take the same
+`--config.field=value` overrides as `bigr_jax.main` (e.g. `--config.model.dim=768`). `--input` also takes a file on
+the Hugging Face hub by name, `hf://<owner>/<repo>/<path>[@revision]` (`bigr_jax.hub`).
 
 Generators: `from-torch` reads a released checkpoint (a dict with "ema"), a plain state_dict, .npz or
 .safetensors and writes a params-only orbax checkpoint (use it with --config.init_from=DIR, or for sampling).
@@ -40,19 +44,19 @@ import argparse
 import pathlib
 import sys
 
-from bigr_jax import artifacts, typed_config
+from bigr_jax import artifacts, hub, typed_config
 from bigr_jax.convert import generator_weights, io, params_io, tokenizer_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 
 FAMILIES = ("generator", "tokenizer")
 
 
-def _load_config(spec):
-  """(family, the loaded ml_collections config)."""
-  config = typed_config.load_config_file(spec)
+def _load_config(args):
+  """(family, the loaded ml_collections config with the --config.* overrides)."""
+  config = typed_config.load_config_file(args.config, args.overrides)
   family = config.get("family", None)
   if family not in FAMILIES:
-    raise ValueError(f"{spec} is a config of family {family!r}; converting needs a generator or tokenizer "
+    raise ValueError(f"{args.config} is a config of family {family!r}; converting needs a generator or tokenizer "
                      "config (for the demo's models: configs/demo.py's generator or tokenizer settings)")
   return family, config
 
@@ -75,12 +79,12 @@ def _refuse_disc_flags(args, family):
 
 
 def from_torch(args) -> None:
-  family, config = _load_config(args.config)
+  family, config = _load_config(args)
   model_config = _model_config(family, config)
   if family == "tokenizer":
     return _tokenizer_from_torch(args, config, model_config)
   _refuse_disc_flags(args, family)
-  state_dict = io.read_state_dict(args.input, key=args.key)
+  state_dict = io.read_state_dict(hub.local_path(args.input, model_config), key=args.key)
   params = generator_weights.torch_to_flax(state_dict, model_config)  # validates before anything is written
   out = params_io.save_params(params, args.output)
   print(f"wrote {out} ({len(state_dict)} tensors read)")
@@ -95,7 +99,7 @@ def _tokenizer_from_torch(args, config, model_config) -> None:
   if disc_output is not None and (disc_output == output or output in disc_output.parents
                                   or disc_output in output.parents):
     raise ValueError(f"--disc-output={disc_output} must lie outside --output={output} (and vice versa)")
-  state_dict = io.read_state_dict(args.input, key=args.key)
+  state_dict = io.read_state_dict(hub.local_path(args.input, model_config), key=args.key)
   groups = tokenizer_weights.split_checkpoint(state_dict)
   # Everything is converted (and so validated) before anything is written.
   params = tokenizer_weights.torch_to_flax(state_dict, model_config)
@@ -124,7 +128,7 @@ def to_torch(args) -> None:
   output = pathlib.Path(args.output)
   if output.exists() and not args.overwrite:
     raise FileExistsError(f"{output} exists; choose a new output file, or pass --overwrite to replace it")
-  family, config = _load_config(args.config)
+  family, config = _load_config(args)
   model_config = _model_config(family, config)
   if family == "tokenizer":
     return _tokenizer_to_torch(args, config, model_config)
@@ -159,7 +163,7 @@ def _tokenizer_to_torch(args, config, model_config) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m bigr_jax.convert", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m bigr_jax.convert", description=__doc__, allow_abbrev=False,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("from-torch", help="original generator or B-AE weights -> orbax params")
@@ -182,8 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+  """The arguments, with the `--config.field=value` overrides (after the command) as `args.overrides`."""
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  args.overrides = [arg for arg in rest if arg.startswith("--config.")]
+  if len(args.overrides) != len(rest):
+    parser.error(f"unrecognized arguments: {' '.join(arg for arg in rest if arg not in args.overrides)} (config "
+                 "overrides take the form --config.field=value)")
+  return args
+
+
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  args = parse_args(argv)
   try:
     args.func(args)
   except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
