@@ -12,6 +12,7 @@ demo's workdir with the default config, or any generator config and its workdir 
 """
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import threading
@@ -349,4 +350,4 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv=None) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  absl_app.run(main)
+  absl_app.run(main, flags_parser=functools.partial(typed_config.parse_flags_or_exit, FLAGS))

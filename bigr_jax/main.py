@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from bigr_jax import aot, artifacts, demo, evaluation, files, hub, parallel
+from bigr_jax import aot, artifacts, demo, evaluation, files, hub, parallel, typed_config
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import checkpoints, generator, metrics, tokenizer
@@ -114,6 +114,13 @@ def check_models(config) -> None:
       hub.check_pairing(checkpoint, artifacts.tokenizer_model_config(stage.tokenizer))
 
 
+def check_workdir(workdir: str) -> None:
+  if not workdir.strip():
+    raise ValueError("--workdir is empty: name the run's directory (created if missing)")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory")
+
+
 def run(config, workdir: str, mode: str, overwrite: bool = False):
   entry = entry_point(config, mode, overwrite)
   parallel.maybe_initialize_distributed()
@@ -127,6 +134,7 @@ def main(argv):
   config = FLAGS.config
   mode = FLAGS.mode or config.mode
   try:
+    check_workdir(FLAGS.workdir)
     entry_point(config, mode, FLAGS.overwrite)
     check_models(config)
   except ValueError as e:  # one line, not absl's usage text: the message names the setting and its choices
@@ -154,4 +162,4 @@ def _exit_after_noise(message: str, status: int) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(typed_config.parse_flags_or_exit, FLAGS))

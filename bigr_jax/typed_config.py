@@ -4,6 +4,7 @@ Also: loading a config file outside absl flags."""
 
 import dataclasses
 import pathlib
+import traceback
 import typing
 from typing import Mapping, Sequence
 
@@ -81,18 +82,39 @@ def _to_plain(values: Mapping) -> dict:
 def load_config_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads 'path/to/config.py[:args]' with `--config.field=value` overrides exactly as `bigr_jax.main`'s
   --config does (for tools outside its flags); locked, so that a misspelled field is an error."""
-  path = spec.partition(":")[0]
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"no config file {path}")
   argv = ["load_config_file", f"--config={spec}", *overrides]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True, sys_argv=argv)
-  try:
-    values(argv)
-  except (AttributeError, KeyError) as e:  # a field the config lacks: a KeyError names it and the nearest
-    key_error = e if isinstance(e, KeyError) else e.__context__
-    cause = key_error.args[0] if isinstance(key_error, KeyError) else str(e)
-    raise ValueError(f"unknown config field in {' '.join(overrides)}: {' '.join(str(cause).split())}") from e
-  except flags.Error as e:  # a value of the wrong type, or not a --config.* flag
-    raise ValueError(str(e)) from e
+  parse_flags(values, argv)
   return values.config
+
+
+def parse_flags(values: flags.FlagValues, argv: Sequence[str]) -> list:
+  """`values(argv)`, the remaining arguments; a missing config file, an error inside it, an unknown field or a
+  value of the wrong type is one ValueError line (absl and ml_collections raise chains of tracebacks)."""
+  for arg in argv[1:]:
+    path = arg.partition("=")[2].partition(":")[0] if arg.startswith("--config=") else ""
+    if path and not pathlib.Path(path).is_file():
+      raise FileNotFoundError(f"no config file {path}")
+  try:
+    return values(list(argv))
+  except Exception as e:  # noqa: BLE001 (whatever the config file raises: reported in one line)
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+      chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    key_errors = [c for link in chain for c in (link, *link.args) if isinstance(c, KeyError)]
+    if key_errors:  # a field the config lacks; ml_collections names the nearest
+      raise ValueError(f"unknown config field {' '.join(str(key_errors[0].args[0]).split())}") from e
+    if isinstance(e, flags.Error):  # a value of the wrong type, or an unknown flag: absl's message names it
+      raise ValueError(str(e)) from e
+    root, where = chain[-1], traceback.extract_tb(chain[-1].__traceback__)
+    place = f" ({where[-1].filename}, line {where[-1].lineno})" if where and not isinstance(root, SyntaxError) else ""
+    raise ValueError(f"{type(root).__name__}: {' '.join(str(root).split())}{place}") from e
+
+
+def parse_flags_or_exit(values: flags.FlagValues, argv: Sequence[str]) -> list:
+  """`parse_flags` for a command's `absl.app.run(flags_parser=...)`: a bad command line is one line, exit 1."""
+  try:
+    return parse_flags(values, argv)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None

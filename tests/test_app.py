@@ -136,7 +136,6 @@ def _reconstruction_error(workdir, digit: np.ndarray, rows: slice) -> float:
   return float(np.abs(decoded - digit)[rows].mean())
 
 
-@pytest.mark.slow
 @pytest.mark.xdist_group("quick_demo")  # with the demo's test: the other worker never waits for the demo
 def test_the_app_in_a_browser(quick_demo, tmp_path):
   workdir = quick_demo.workdir

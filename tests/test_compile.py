@@ -35,8 +35,8 @@ def _compile(config: str, topology: str, workdir, *overrides):
 
 @pytest.mark.parametrize("config,topology,programs,attention", [
     (GENERATOR, "v5e:2x2", ["train_step", "sample", "features"], "xla"),
-    (GENERATOR, "v5p:2x2x1", ["train_step", "sample", "features"], "splash"),
-    (TOKENIZER, "v5e:2x2", ["train_step"], None),  # the B-AE has no chip-specific kernel: one generation
+    pytest.param(GENERATOR, "v5p:2x2x1", ["train_step", "sample", "features"], "splash", marks=pytest.mark.slow),
+    pytest.param(TOKENIZER, "v5e:2x2", ["train_step"], None, marks=pytest.mark.slow),  # no chip-specific kernel
 ], ids=["generator-v5e", "generator-splash-v5p", "tokenizer-v5e"])
 def test_every_program_compiles_for_a_tpu_topology_and_fits(tmp_path, config, topology, programs, attention):
   _needs_libtpu()

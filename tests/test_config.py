@@ -10,7 +10,6 @@ from unittest import mock
 from absl import flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import pytest
 
@@ -28,12 +27,7 @@ CONFIGS = ("bigr_l", "bigr_xl", "bigr_xxl", "bigr_l_512", "bae_d24", "bae_d32", 
 
 def parse(*argv, config="configs/bigr_l.py:runlocal"):
   """The config a user gets from `python -m bigr_jax.main --config=... ARGV` (locked, as main.py builds it)."""
-  argv = ["bigr_jax.main", f"--config={os.path.join(ROOT, config)}", *argv]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
-  with mock.patch.object(sys, "argv", argv):  # config_flags reads the overrides from sys.argv
-    values(argv)
-  return values.config
+  return typed_config.load_config_file(os.path.join(ROOT, config), argv)
 
 
 def _sections(config):
@@ -129,6 +123,40 @@ def test_unknown_keys_are_errors_that_name_them():
 def test_nonsense_shape_fields_are_named_before_any_work(flag, message):
   with pytest.raises(ValueError, match=message):
     main.check_models(parse(flag))
+
+
+BAD_COMMAND_LINES = {  # flags -> the one line that refuses them
+    ("--config.optim.lrr=1",): "error: unknown config field 'lrr' Did you mean \"lr\" instead of \"lrr\"?",
+    ("--config=configs/does_not_exist.py",): "error: no config file configs/does_not_exist.py",
+    ("--config.optim.lr=abc",): "error: flag --config.optim.lr=abc: could not convert string to float: 'abc'",
+    ("--workdir=",): "error: --workdir is empty: name the run's directory (created if missing)",
+    ("--mode=sampel",): "error: unknown mode 'sampel'; modes: " + ", ".join(main.MODES),
+}
+
+
+@pytest.mark.parametrize("argv", BAD_COMMAND_LINES, ids=lambda argv: argv[0])
+def test_a_bad_command_line_is_one_line_before_any_work(argv, tmp_path, capsys, monkeypatch):
+  """`main.main` after absl's parse with the parser `python -m bigr_jax.main` uses (main.py's __main__)."""
+  monkeypatch.chdir(ROOT)
+  command = ["bigr_jax.main", "--config=configs/bigr_l.py:runlocal", f"--workdir={tmp_path / 'run'}", *argv]
+  values = flags.FlagValues()
+  main.define_flags(values, sys_argv=command)
+  with pytest.raises(SystemExit) as exit_info, mock.patch.object(main, "FLAGS", values):
+    main.main(typed_config.parse_flags_or_exit(values, command))
+  message = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err.strip()
+  assert message == BAD_COMMAND_LINES[argv] and not (tmp_path / "run").exists()
+
+
+def test_a_config_file_with_an_error_names_its_file_and_line(tmp_path):
+  (tmp_path / "syntax.py").write_text("def get_config(:\n  pass\n")
+  (tmp_path / "raises.py").write_text("def get_config(arg=None):\n  return 1 / 0\n")
+  with pytest.raises(ValueError, match=r"^SyntaxError: invalid syntax \(syntax.py, line 1\)$"):
+    typed_config.load_config_file(str(tmp_path / "syntax.py"))
+  with pytest.raises(ValueError, match=rf"^ZeroDivisionError: division by zero \({tmp_path / 'raises.py'}, line 2\)$"):
+    typed_config.load_config_file(str(tmp_path / "raises.py"))
+  (tmp_path / "workdir_file").write_text("")
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    main.check_workdir(str(tmp_path / "workdir_file"))
 
 
 def test_a_nonsense_shape_field_is_one_usage_error_from_the_command_line():

@@ -141,8 +141,8 @@ def test_config_overrides_reach_the_converter(tmp_path, fixture_model, capsys):
   assert (tmp_path / "params").is_dir() and not (tmp_path / "refused").exists()
   capsys.readouterr()
   assert convert_cli.main([*command, f"--output={tmp_path / 'typo'}", "--config.model.binary_sise=16"]) == 2
-  assert capsys.readouterr().err == ("error: unknown config field in --config.model.binary_sise=16: 'binary_sise' "
-                                     "Did you mean \"binary_size\" instead of \"binary_sise\"?\n")
+  assert capsys.readouterr().err == ("error: unknown config field 'binary_sise' Did you mean \"binary_size\" instead "
+                                     "of \"binary_sise\"?\n")
 
 
 def test_weight_decay_mask_matches_original_rule(fixture_model):

@@ -20,7 +20,6 @@ from conftest import ROOT, run_quick_demo, user_env
 QUICK_ACCURACY = 0.2
 
 
-@pytest.mark.slow
 @pytest.mark.xdist_group("quick_demo")  # with the app's test: the other worker never waits for the demo
 def test_demo_then_every_mode_on_its_workdir(quick_demo):
   workdir, out = quick_demo

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,6 +62,7 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
   assert any("process_0" in name for name in data_files) and any("process_1" in name for name in data_files)
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_tokenizer_together(tmp_path):
   """The B-AE's step (its GAN branch too, from step 2) and its reconstruction grid run on both hosts."""
   workdir = tmp_path / "bae"

@@ -44,6 +44,7 @@ def photo_crops(count, size, seed, part):
   return np.stack(crops)
 
 
+@pytest.mark.slow
 def test_learns_to_reconstruct_held_out_photo_crops():
   config = local_config()
   config.mesh.update(data=1)
