@@ -4,6 +4,7 @@ Every section a run reads is declared here from its typed config (`bigr_jax.type
 defaults live in the dataclasses alone and every field can be overridden on the command line.
 """
 
+import math
 from typing import Optional
 
 import ml_collections
@@ -52,6 +53,23 @@ def generator_model(size: str, bits: int, **overrides) -> ml_collections.ConfigD
   if size not in MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
   return typed_config.to_section(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size], **overrides))
+
+
+POSITIVE_FIELDS = ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+NON_NEGATIVE_FIELDS = ("total_steps", "num_epochs", "resume_step")
+
+
+def check_training_fields(c: ml_collections.ConfigDict) -> None:
+  """The loop's counts and the optimizers, before any work: a count below its bound, or a learning rate that is
+  not a finite positive number, is one error naming the field (not a ZeroDivisionError or a NaN loss later)."""
+  for name in POSITIVE_FIELDS + NON_NEGATIVE_FIELDS:
+    value = c.get(name, None)
+    low = 1 if name in POSITIVE_FIELDS else 0
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+      raise ValueError(f"{name}={value} must be {'at least 1' if low else 'a non-negative number'}")
+  for section in ("optim", "disc_optim"):
+    if section in c:
+      state.OptimConfig.from_config(c[section], f"config.{section}")
 
 
 def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:

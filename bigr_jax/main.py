@@ -11,10 +11,11 @@ import os
 import sys
 from typing import Callable, NamedTuple
 
+import jax
 from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
-from bigr_jax import aot, artifacts, demo, evaluation, files, hub, parallel, typed_config
+from bigr_jax import aot, artifacts, config_lib, demo, evaluation, files, hub, parallel, typed_config, workdir_lock
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import checkpoints, generator, metrics, tokenizer
@@ -99,11 +100,12 @@ def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
 
 def check_models(config) -> None:
   """Builds the config's model sections before any work, so that a nonsense shape field (dim, heads, layers,
-  bits, grid) is a message naming it rather than an error deep inside a model; and refuses a released file
-  named `hf://...` for a model it does not fit, before anything is downloaded."""
+  bits, grid), count or learning rate is a message naming it rather than an error deep inside a run; and refuses
+  a released file named `hf://...` for a model it does not fit, before anything is downloaded."""
   stages = [config.tokenizer, config.generator] if config.get("family", None) == "demo" else [config]
   for stage in stages:
     model = (TokenizerConfig if stage.family == "tokenizer" else GeneratorConfig).from_config(stage.model)
+    config_lib.check_training_fields(stage)
     weights = [stage.get("init_from", ""), stage.get("evaluation", {}).get("params", "")]
     for source in filter(None, weights):
       hub.check_pairing(source, model)
@@ -124,7 +126,8 @@ def check_workdir(workdir: str) -> None:
 def run(config, workdir: str, mode: str, overwrite: bool = False):
   entry = entry_point(config, mode, overwrite)
   parallel.maybe_initialize_distributed()
-  return entry(config, workdir)
+  with workdir_lock.hold(workdir, active=jax.process_index() == 0):  # one job per workdir; process 0 holds it
+    return entry(config, workdir)
 
 
 def main(argv):
@@ -145,8 +148,8 @@ def main(argv):
   except checkpoints.Preempted as e:
     print(e, flush=True)
     raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
-  except (checkpoints.SaveFailed, metrics.WriteFailed, files.UnusableFile, FileExistsError, FileNotFoundError,
-          aot.DoesNotFit) as e:
+  except (checkpoints.SaveFailed, checkpoints.ConfigChanged, workdir_lock.WorkdirInUse, metrics.WriteFailed,
+          files.UnusableFile, FileExistsError, FileNotFoundError, aot.DoesNotFit) as e:
     _exit_after_noise(f"error: {e}", 1)  # the message names the file and the cause: no traceback
 
 

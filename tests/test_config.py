@@ -131,6 +131,10 @@ BAD_COMMAND_LINES = {  # flags -> the one line that refuses them
     ("--config.optim.lr=abc",): "error: flag --config.optim.lr=abc: could not convert string to float: 'abc'",
     ("--workdir=",): "error: --workdir is empty: name the run's directory (created if missing)",
     ("--mode=sampel",): "error: unknown mode 'sampel'; modes: " + ", ".join(main.MODES),
+    ("--config.optim.lr=nan",): "error: optimizer lr=nan must be a finite positive number",
+    ("--config.checkpoint_every=0",): "error: checkpoint_every=0 must be at least 1",
+    ("--config.total_steps=-3",): "error: total_steps=-3 must be a non-negative number",
+    ("--config.batch_size=0",): "error: batch_size=0 must be at least 1",
 }
 
 

@@ -1,6 +1,7 @@
 """Generator training: sharded vs single device, resume, restore onto another mesh, faults, errors."""
 
 import itertools
+import json
 import os
 import signal
 
@@ -164,7 +165,15 @@ def test_resume_and_restore_onto_another_mesh(tmp_path):
   # below one step's movement (lr 1e-3).
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), jax.device_get(full.params),
                          jax.device_get(moved.params))
-  assert (tmp_path / "moved" / "config.json").exists()
+  # The first run's config.json is kept; the resume's changes are printed and recorded.
+  assert json.loads((tmp_path / "moved" / "config.json").read_text())["total_steps"] == 4
+  record = json.loads((tmp_path / "moved" / checkpoints.RESUMES).read_text().splitlines()[-1])
+  assert record["changes"]["total_steps"] == [4, 8] and record["changes"]["mesh.data"][1] == 8
+  config.model.dim = 2 * config.model.dim  # another model: refused before any step
+  with pytest.raises(checkpoints.ConfigChanged, match=rf"holds a run of another model \(model.dim: "
+                                                      rf"{config.model.dim // 2} there, {config.model.dim} here"):
+    generator.train_and_evaluate(config, str(tmp_path / "moved"))
+  assert len((tmp_path / "moved" / checkpoints.RESUMES).read_text().splitlines()) == 1
 
 
 def test_logged_metrics_average_the_steps_since_the_last_report():

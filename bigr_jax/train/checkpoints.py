@@ -4,6 +4,7 @@ import json
 import pathlib
 import signal
 import threading
+import time
 from typing import Any, Optional
 
 import grain
@@ -133,17 +134,46 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_config(config, workdir) -> None:
-  """The run's config beside its checkpoints (process 0 only)."""
-  if jax.process_index() == 0:
-    path = pathlib.Path(workdir)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(config.to_json_best_effort(indent=2))
+# Model fields that change the computation but not the parameters: a resume may change them.
+COMPUTE_ONLY_FIELDS = ("model.dtype", "model.remat_policy", "model.remat", "model.attention")
+RESUMES = "resumes.jsonl"
 
 
-def load_config_dict(workdir) -> Optional[dict]:
+class ConfigChanged(ValueError):
+  """A resume whose config trains another model than the workdir's checkpoints: refused before any step."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return flat
+
+
+def save_config(config, workdir, resuming: bool) -> None:
+  """The first run's config, `config.json`, beside its checkpoints. A resume keeps it: its changed settings
+  (batch, lr, total_steps, ...) are printed and recorded in `resumes.jsonl`, one line per resume, and a changed
+  model (shapes, bits) is refused. Process 0 writes."""
   path = pathlib.Path(workdir) / "config.json"
-  return json.loads(path.read_text()) if path.exists() else None
+  new = json.loads(config.to_json_best_effort())
+  if not (resuming and path.exists()):
+    if jax.process_index() == 0:
+      files.write_json(path, new)
+    return
+  old_flat, new_flat = _flat(json.loads(path.read_text())), _flat(new)
+  changes = {key: [old_flat.get(key), new_flat.get(key)] for key in sorted(old_flat.keys() | new_flat.keys())
+             if old_flat.get(key) != new_flat.get(key)}
+  breaking = [key for key in changes if key == "family" or key.startswith("model.") and key not in COMPUTE_ONLY_FIELDS]
+  if breaking:
+    differences = ", ".join(f"{key}: {changes[key][0]} there, {changes[key][1]} here" for key in breaking)
+    raise ConfigChanged(f"{workdir} holds a run of another model ({differences}): resume it with the model it was "
+                        "trained with, or train this one in a new workdir")
+  if jax.process_index() == 0:
+    if changes:
+      print("resuming with changed settings (config.json keeps the first run's): "
+            + ", ".join(f"{key} {old} -> {value}" for key, (old, value) in changes.items()), flush=True)
+    with open(path.parent / RESUMES, "a") as f:
+      f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes}) + "\n")
 
 
 def _say(line: str) -> None:

@@ -55,7 +55,7 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
   workdir = pathlib.Path(workdir)
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   with_data=feed.checkpointable is not None)
-  checkpoints.save_config(config, workdir)
+  checkpoints.save_config(config, workdir, resuming=bool(ckpt.finished_steps()))
   if ckpt.finished_steps():
     state, resumed = ckpt.restore_resumable(abstract_state, feed.checkpointable, config.resume_step)
     if jax.process_index() == 0:

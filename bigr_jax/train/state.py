@@ -1,6 +1,7 @@
 """Train state (params, EMA, optimizer), the optimizer as the original builds it, and the EMA update."""
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax
@@ -56,6 +57,8 @@ class OptimConfig:
       raise ValueError(f"unknown lr schedule {self.schedule!r}; expected one of {SCHEDULES}")
     if self.schedule == "step" and self.decay_step < 1:
       raise ValueError("schedule='step' needs decay_step >= 1")
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"optimizer lr={self.lr} must be a finite positive number")
     if self.grad_accum_steps < 1 or self.warmup_steps < 0 or self.grad_clip < 0:
       raise ValueError(f"grad_accum_steps must be >= 1, warmup_steps and grad_clip >= 0: {self}")
 
