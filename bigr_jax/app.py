@@ -35,6 +35,8 @@ FLAGS = flags.FLAGS
 EDIT_TASKS = {"inpaint": "inpaint", "outpaint": "outpaint", "class edit": "edit"}
 EDIT_RESULTS = 4  # results per edit request
 DISPLAY_SIZE = 128  # small images are shown enlarged by a whole factor (nearest), so their pixels stay exact
+MAX_IMAGES = 64  # per Generate request (classes x images per class): a request is answered in seconds, not minutes
+MAX_SEED = 2**31 - 1
 # Uploads are shown as large as their box allows, without smoothing (a 16 px digit stays legible).
 CSS = "#edit-picture img, #edit-mask img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 
@@ -46,10 +48,19 @@ def class_names(num_classes: int) -> list:
   return [str(i) for i in range(num_classes)]
 
 
-def _number(value, name: str, kind=float):
+def _number(value, name: str, kind=float, low=None, high=None):
+  """A field's number, or a ValueError naming the field and its range."""
   if value is None or value == "":
     raise ValueError(f"set the {name}")
-  return kind(value)
+  number = kind(value)
+  if (low is not None and number < low) or (high is not None and number > high):
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    raise ValueError(f"the {name} must be a number {bounds}, not {value}")
+  return number
+
+
+def _seed(value) -> int:
+  return _number(value, "seed", int, 0, MAX_SEED)
 
 
 def enlarge(images) -> np.ndarray:
@@ -130,8 +141,8 @@ class Session:
 
   @staticmethod
   def sampler_settings(base: sampler.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> sampler.SamplerConfig:
-    return base.replace(num_iter=_number(num_iter, "iterations", int), cfg_scale=_number(cfg_scale, "cfg scale"),
-                        gumbel_temp=_number(gumbel_temp, "gumbel temperature"))
+    return base.replace(num_iter=_number(num_iter, "iterations", int, 1), cfg_scale=_number(cfg_scale, "cfg scale", low=0),
+                        gumbel_temp=_number(gumbel_temp, "gumbel temperature", low=0))
 
   def held_out(self, index):
     """The dataset's held-out image `index` (the demo), or the config's `edit.image` (a generator config)."""
@@ -179,8 +190,11 @@ class Session:
 
   def generate(self, classes: str, per_class, num_iter, cfg_scale, gumbel_temp, seed):
     """(grid, decoding-order strip) of `per_class` samples of each named class; a status line."""
-    per_class, seed = _number(per_class, "images per class", int), _number(seed, "seed", int)
+    per_class, seed = _number(per_class, "images per class", int, 1, MAX_IMAGES), _seed(seed)
     labels = np.repeat(self.parse_classes(classes), per_class)
+    if len(labels) > MAX_IMAGES:
+      raise ValueError(f"{len(labels)} images asked for; at most {MAX_IMAGES} per request (fewer classes or images "
+                       "per class)")
     config = self.sampler_settings(self.sampler_config, num_iter, cfg_scale, gumbel_temp)
 
     def work():
@@ -199,7 +213,7 @@ class Session:
     image = self.picture(picture)
     mask = self.mask(picture, drawn, uploaded_mask)
     edit = dataclasses.replace(
-        self.edit, task=EDIT_TASKS[task], seed=_number(seed, "seed", int), seamless_clone=bool(clone),
+        self.edit, task=EDIT_TASKS[task], seed=_seed(seed), seamless_clone=bool(clone),
         batch=parallel.round_up_to_shards(EDIT_RESULTS, self.mesh),
         target_class=self.one_class(target_class) if EDIT_TASKS[task] == "edit" else self.edit.target_class)
     defaults = editing.TASK_SAMPLERS[edit.task]
@@ -222,7 +236,7 @@ class Session:
   def interpolate(self, class_a, class_b, num_iter, cfg_scale, gumbel_temp, seed):
     """The original's interpolation strip from class A to class B."""
     edit = dataclasses.replace(self.edit, task="interpolate", class_a=self.one_class(class_a),
-                               class_b=self.one_class(class_b), seed=_number(seed, "seed", int))
+                               class_b=self.one_class(class_b), seed=_seed(seed))
     edit = dataclasses.replace(edit, sampler={**edit.sampler, **dataclasses.asdict(
         self.sampler_settings(editing.INTERPOLATE_CONFIG, num_iter, cfg_scale, gumbel_temp))})
 

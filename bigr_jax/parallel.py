@@ -7,7 +7,7 @@ from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -178,6 +178,14 @@ def from_same_on_every_host(array: np.ndarray, mesh: Mesh) -> jax.Array:
   """A global array split over the batch axes, from a host array that every process holds whole."""
   sharding = batch_sharding(mesh, np.ndim(array))
   return jax.make_array_from_callback(np.shape(array), sharding, lambda index: array[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole array on this host, every process the same copy (an array spanning several processes is gathered:
+  each holds only its own shards)."""
+  if getattr(array, "is_fully_addressable", True):
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def to_global(local_batch: dict, mesh: Mesh) -> dict:

@@ -254,6 +254,13 @@ def test_a_generator_config_on_released_weights(tmp_path):
   assert status.startswith("3 images in") and status.endswith("(0 programs compiled)"), status
   with pytest.raises(ValueError, match="names no dataset images"):
     session.held_out(0)
+  # Bad settings are messages naming the field and its range (2**70 was an OverflowError deep in JAX).
+  for args, message in ((("1", 1, 2, 2.0, 0.0, 2**70), f"the seed must be a number from 0 to {app.MAX_SEED}"),
+                        (("1", 1, 2, 2.0, -1.0, 0), "the gumbel temperature must be a number of at least 0"),
+                        (("1", 1, 0, 2.0, 0.0, 0), "the iterations must be a number of at least 1"),
+                        (("1, 2, 3", 30, 2, 2.0, 0.0, 0), f"90 images asked for; at most {app.MAX_IMAGES}")):
+    with pytest.raises(ValueError, match=message):
+      session.generate(*args)
   # A class edit of an uploaded picture's top half, cloned back into it.
   size = tok_model.img_size
   picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8))

@@ -8,7 +8,15 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
+
+from bigr_jax import typed_config
+from bigr_jax.convert import io as convert_io, tokenizer_weights
+from bigr_jax.models import tokenizer
+from bigr_jax.models.config import TokenizerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,17 +27,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def train_on_two_processes(workdir, total_steps: int, config: str = "configs/bigr_l.py:runlocal", *extra) -> list:
+def on_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runlocal") -> list:
+  """`python -m bigr_jax.main ARGV` as 2 processes of 4 CPU devices each (a (2, 2, 2) mesh); their outputs."""
   port = free_port()
   procs = []
   for process_id in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
-    cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/{config}",
-           f"--workdir={workdir}", "--mode=train", f"--config.total_steps={total_steps}", "--config.log_every=2",
-           "--config.checkpoint_every=2", "--config.tensorboard=False", "--config.mesh.data=2",
-           "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+    cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/{config}", f"--workdir={workdir}",
+           "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *argv]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True))
   outputs = []
@@ -38,6 +45,11 @@ def train_on_two_processes(workdir, total_steps: int, config: str = "configs/big
     assert proc.returncode == 0, out[-3000:]
     outputs.append(out)
   return outputs
+
+
+def train_on_two_processes(workdir, total_steps: int, config: str = "configs/bigr_l.py:runlocal", *extra) -> list:
+  return on_two_processes(workdir, "--mode=train", f"--config.total_steps={total_steps}", "--config.log_every=2",
+                          "--config.checkpoint_every=2", "--config.tensorboard=False", *extra, config=config)
 
 
 def progress_steps(output: str) -> list:
@@ -60,6 +72,26 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
   # Each host's data iterator position is saved and restored with the state.
   data_files = sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").iterdir())
   assert any("process_0" in name for name in data_files) and any("process_1" in name for name in data_files)
+
+  # Sampling on the 2 processes equals sampling on 1 process of 8 devices with the same mesh: each process
+  # gathers the samples, process 0 writes them.
+  bae_model = TokenizerConfig.from_config(typed_config.load_config_file("configs/bae_d24.py:runlocal").model)
+  bae = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(bae_model, jax.random.key(1))), bae_model)
+  convert_io.write_state_dict(bae, tmp_path / "bae.npz")
+  sample = ("--mode=sample", "--config.sample.num_iter=2", "--config.sample.infer_steps=2",
+            "--config.tokenizer.config=configs/bae_d24.py:runlocal", f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
+  on_two_processes(workdir, *sample)
+  two = dict(np.load(workdir / "samples" / "samples.npz"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  one = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bigr_l.py:runlocal",
+                        f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                        "--config.mesh.tensor=2", *sample], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  one = dict(np.load(workdir / "samples" / "samples.npz"))
+  assert one.keys() == two.keys() and len(one["arr_0"]) == 4
+  for name in one:
+    np.testing.assert_array_equal(one[name], two[name], err_msg=name)
 
 
 @pytest.mark.slow

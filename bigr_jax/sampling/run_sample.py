@@ -141,9 +141,9 @@ def generate_images(models: artifacts.SamplingModels, labels, config: sampler.Sa
     key = jax.random.fold_in(jax.random.key(seed), start)
     out = sampler.generate(models.generator_config, models.generator_params, padded, key, config, mesh=mesh,
                            batch_axes=parallel.BATCH_AXES if mesh is not None else ("data",))
-    bits = np.asarray(out.bits)[:len(chunk)]
+    bits = parallel.to_host(out.bits)[:len(chunk)]
     parts.append(Generated(decode_bits(models.tokenizer_config, models.tokenizer_params, bits), bits,
-                           np.asarray(out.decoded_at)[:len(chunk)]))
+                           parallel.to_host(out.decoded_at)[:len(chunk)]))
   return Generated(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
 
@@ -177,6 +177,8 @@ def sample_to_workdir(config, workdir: str):
   iteration; the first 8 samples)."""
   drawn = draw_samples(config, workdir)
   images, run, seconds = drawn.images, drawn.run, drawn.seconds
+  if jax.process_index() != 0:
+    return images  # every process holds the same samples; process 0 writes them
   out = artifacts.output_path(workdir, artifacts.SAMPLES_DIR)
   images_lib.save_grid(images, out / "samples.png", nrow=run.per_class or min(8, len(images)))
   Image.fromarray(images_lib.decoding_strip(images[:8], drawn.decoded_at[:8], drawn.sampler_config.num_iter)
@@ -223,8 +225,8 @@ def edit_images(models: artifacts.SamplingModels, edit: EditConfig, mesh, image=
     count = len(editing.INTERPOLATION_WEIGHTS)
     weights = parallel.pad_to_shards(np.asarray(editing.INTERPOLATION_WEIGHTS, np.float32), mesh)
     out = editing.interpolate(gen_config, gen_params, edit.class_a, edit.class_b, key, weights=weights, **kwargs)
-    return Edited(decode_bits(tok_config, models.tokenizer_params, np.asarray(out.bits)[:count]),
-                  np.asarray(out.decoded_at)[:count], None, None)
+    return Edited(decode_bits(tok_config, models.tokenizer_params, parallel.to_host(out.bits)[:count]),
+                  parallel.to_host(out.decoded_at)[:count], None, None)
   count = edit.batch
   image = images_lib.load_image(edit.image, tok_config.img_size) if image is None else image
   bits = encode_image(models, image, parallel.round_up_to_shards(edit.batch, mesh), jax.random.fold_in(key, 1))
@@ -242,8 +244,8 @@ def edit_images(models: artifacts.SamplingModels, edit: EditConfig, mesh, image=
     else:
       task = editing.inpaint if edit.task == "inpaint" else editing.outpaint
       out = task(gen_config, gen_params, bits, tokens, key, **kwargs)
-    out_bits, decoded_at = out.bits, np.asarray(out.decoded_at)
-  images = decode_bits(tok_config, models.tokenizer_params, np.asarray(out_bits)[:count])
+    out_bits, decoded_at = out.bits, parallel.to_host(out.decoded_at)
+  images = decode_bits(tok_config, models.tokenizer_params, parallel.to_host(out_bits)[:count])
   cloned = None
   if edit.seamless_clone:
     # As apps/inpaint.py: the regenerated region goes into the input; for outpaint the input's kept region
@@ -264,6 +266,8 @@ def edit_to_workdir(config, workdir: str):
   mesh = parallel.make_mesh(config.mesh)
   models = artifacts.sampling_models(config, workdir, use_ema=run.use_ema)
   edited = edit_images(models, edit, mesh)
+  if jax.process_index() != 0:
+    return edited.images  # every process holds the same results; process 0 writes them
   rows = [edited.images] if edited.source is None else [edited.source[None], edited.images]
   if edited.cloned is not None:
     rows += [edited.source[None], edited.cloned]
