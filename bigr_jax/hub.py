@@ -6,28 +6,37 @@ released files (`RELEASED`) are paired with the config each needs: a config whos
 before anything is downloaded, naming the config that fits.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import huggingface_hub
 from huggingface_hub import errors as hub_errors
 
-from bigr_jax import typed_config
 from bigr_jax.convert import generator_weights, tokenizer_weights
-from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
+from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig
 
 PREFIX = "hf://"
 ORIGINAL_REPO = "haoosz/BiGR"
 
-# The original's released files (its README's links), each with the config (and arguments) it needs.
+
+class Released(NamedTuple):
+  config: str  # the config file (with its arguments) that fits the file
+  model: Union[GeneratorConfig, TokenizerConfig]  # its architecture (the package alone knows it, without configs/)
+
+
+# The original's released files (its README's links), each with the config it needs.
 RELEASED = {
-    "gpt/bigr_L_d24.pt": "configs/bigr_l.py:bits=24",
-    "gpt/bigr_XL_d24.pt": "configs/bigr_xl.py:bits=24",
-    "gpt/bigr_XXL_d24.pt": "configs/bigr_xxl.py:bits=24",
-    "gpt/bigr_XXL_d32.pt": "configs/bigr_xxl.py:bits=32",
-    "gpt/bigr_L_d32_512.pt": "configs/bigr_l_512.py:bits=32",
-    "bae/bae_d24/binaryae_ema_1000000.th": "configs/bae_d24.py",
-    "bae/bae_d32/binaryae_ema_950000.th": "configs/bae_d32.py",
-    "bae/bae_d32_512/binaryae_ema_720000.th": "configs/bae_d32_512.py",
+    "gpt/bigr_L_d24.pt": Released("configs/bigr_l.py:bits=24", GeneratorConfig(binary_size=24, **MODEL_SIZES["L"])),
+    "gpt/bigr_XL_d24.pt": Released("configs/bigr_xl.py:bits=24", GeneratorConfig(binary_size=24, **MODEL_SIZES["XL"])),
+    "gpt/bigr_XXL_d24.pt": Released("configs/bigr_xxl.py:bits=24",
+                                    GeneratorConfig(binary_size=24, **MODEL_SIZES["XXL"])),
+    "gpt/bigr_XXL_d32.pt": Released("configs/bigr_xxl.py:bits=32",
+                                    GeneratorConfig(binary_size=32, **MODEL_SIZES["XXL"])),
+    "gpt/bigr_L_d32_512.pt": Released("configs/bigr_l_512.py:bits=32",
+                                      GeneratorConfig(binary_size=32, **MODEL_SIZES["L-512"])),
+    "bae/bae_d24/binaryae_ema_1000000.th": Released("configs/bae_d24.py", TokenizerConfig(codebook_size=24)),
+    "bae/bae_d32/binaryae_ema_950000.th": Released("configs/bae_d32.py", TokenizerConfig(codebook_size=32)),
+    "bae/bae_d32_512/binaryae_ema_720000.th": Released("configs/bae_d32_512.py",
+                                                       TokenizerConfig(codebook_size=32, img_size=512)),
 }
 
 
@@ -61,12 +70,10 @@ def check_pairing(source, model_config) -> None:
   hub_file = parse(source)
   if hub_file is None or hub_file.repo != ORIGINAL_REPO or hub_file.path not in RELEASED:
     return
-  needed = RELEASED[hub_file.path]
-  model = typed_config.load_config_file(needed).model
-  released = (TokenizerConfig if isinstance(model_config, TokenizerConfig) else GeneratorConfig).from_config(model)
-  if _torch_shapes(released) != _torch_shapes(model_config):
-    raise ValueError(f"{source} holds the weights of --config={needed}; this config's model is another "
-                     f"(size, bits or resolution): use --config={needed}")
+  released = RELEASED[hub_file.path]
+  if type(released.model) is not type(model_config) or _torch_shapes(released.model) != _torch_shapes(model_config):
+    raise ValueError(f"{source} holds the weights of --config={released.config}; this config's model is another "
+                     f"(size, bits or resolution): use --config={released.config}")
 
 
 def local_path(source, model_config=None) -> str:

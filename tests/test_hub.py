@@ -123,10 +123,11 @@ def test_parse_names_repo_path_and_revision():
 
 def test_every_released_file_is_paired_with_a_config_that_fits_it():
   """Each config of the table accepts its own file and refuses the others of the same family that differ."""
-  for path, config in hub.RELEASED.items():
-    model = typed_config.load_config_file(config).model
+  for path, released in hub.RELEASED.items():
     kind = TokenizerConfig if path.startswith("bae/") else GeneratorConfig
-    hub.check_pairing(f"hf://{hub.ORIGINAL_REPO}/{path}", kind.from_config(model))
+    model = kind.from_config(typed_config.load_config_file(released.config).model)
+    hub.check_pairing(f"hf://{hub.ORIGINAL_REPO}/{path}", model)  # the config file's model is the file's
+    assert hub._torch_shapes(model) == hub._torch_shapes(released.model), path
   xxl_d24 = GeneratorConfig.from_config(typed_config.load_config_file("configs/bigr_xxl.py:bits=24").model)
   with pytest.raises(ValueError, match=r"holds the weights of --config=configs/bigr_xxl.py:bits=32"):
     hub.check_pairing(f"hf://{hub.ORIGINAL_REPO}/gpt/bigr_XXL_d32.pt", xxl_d24)
