@@ -210,9 +210,10 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
 
 def test_nan_loss_stops_with_clear_message(tmp_path):
   config = tiny_config()
-  config.optim.lr = float("nan")
+  nan_bits = ({**batch, "bits": np.full(batch["bits"].shape, np.nan, np.float32)} for batch in
+              synthetic_batches(config))  # (a NaN learning rate is refused before any work: test_config.py)
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
-    generator.train_and_evaluate(config, str(tmp_path), batches=synthetic_batches(config))
+    generator.train_and_evaluate(config, str(tmp_path), batches=nan_bits)
   assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
 
 
