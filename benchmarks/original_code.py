@@ -1,4 +1,4 @@
-"""Imports the original PyTorch BiGR (`llama.gpt`) from the read-only mirror, for side-by-side benchmarks.
+"""Imports the original PyTorch BiGR (`llama.gpt`) from a checkout of it, for side-by-side benchmarks.
 
 Nothing of it is copied into the project: the files are written to a temp directory at run time.
 """
@@ -13,7 +13,7 @@ ORIGINAL_FILES = ("llama/gpt.py", "llama/bindiff/binarylatent.py", "llama/drop_p
 
 
 def load_original(repo: str):
-  """`llama.gpt` from a temp copy of the mirror at `repo`, with torchvision stubbed (it only imports it)."""
+  """`llama.gpt` from a temp copy of the checkout at `repo`, with torchvision stubbed (it only imports it)."""
   root = tempfile.mkdtemp(prefix="bigr_original_")
   for path in ORIGINAL_FILES:
     text = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], check=True, capture_output=True,

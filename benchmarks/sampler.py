@@ -2,10 +2,10 @@
 
   python benchmarks/sampler.py                                  # tiny and BiGR-L width at 4 layers
   python benchmarks/sampler.py --configs=L --num_iters=4        # full BiGR-L
-  python benchmarks/sampler.py --original                       # also the original PyTorch sampler
+  python benchmarks/sampler.py --original=../BiGR               # also the original PyTorch sampler
 
 Random weights (speed does not depend on them: every count is fixed by the schedule). The original is run
-from the read-only mirror of github.com/haoosz/BiGR (`--original_repo`), copied to a temp dir with
+from a checkout of github.com/haoosz/BiGR (`--original=CHECKOUT`), copied to a temp dir with
 torchvision stubbed. Its iterations all cost the same (the full trunk and every token transcoded), so by
 default one iteration is timed and images/s at I iterations is 1 / (I x that); `--original_full` runs
 every setting instead.
@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--infer_steps", type=int, default=100)
   parser.add_argument("--cfg_scale", type=float, default=3.0)
   parser.add_argument("--transcode_sizes", type=int, default=sampler.SamplerConfig().transcode_sizes)
-  parser.add_argument("--original", action="store_true", help="also time the original PyTorch sampler")
+  parser.add_argument("--original", default="", metavar="CHECKOUT",
+                      help="also time the original PyTorch sampler, from this checkout of github.com/haoosz/BiGR")
   parser.add_argument("--original_full", action="store_true", help="time every original setting in full")
-  parser.add_argument("--original_repo", default="/work/.mirror/haoosz+BiGR/repo")
   return parser
 
 
@@ -167,7 +167,7 @@ def main():
                                     args.transcode_sizes)
     if args.original:
       result["original"][name] = bench_original(name, num_iters, args.batch, args.infer_steps, args.cfg_scale,
-                                                args.original_repo, args.original_full)
+                                                args.original, args.original_full)
       ours, theirs = result["jax"][name]["runs"], result["original"][name]["runs"]
       result["speedup_" + name] = {i: dict(wall=round(theirs[i]["run_s"] / ours[i]["run_s"], 2),
                                            cpu=round(theirs[i]["cpu_s"] / ours[i]["cpu_s"], 2)) for i in ours}

@@ -2,14 +2,14 @@
 
   .venv/bin/python benchmarks/train_step.py                          # runlocal, tiny and BiGR-L width at 4 layers
   .venv/bin/python benchmarks/train_step.py --configs=L-d4 --layers=8 --batch=8
-  .venv/bin/python benchmarks/train_step.py --original               # also the original PyTorch step
+  .venv/bin/python benchmarks/train_step.py --original=../BiGR       # also the original PyTorch step
 
 One step = forward + backward + AdamW (with global-norm clipping) + EMA, as `GeneratorTrainer.train_step`
 runs it (float32, random weights, one device). Layers are unrolled by default, the faster choice on a CPU at
 a few layers (`--scan` times nn.scan, the TPU configs' default). Compiled FLOPs come from XLA's
 `cost_analysis()`; it counts a scanned layer stack's body once, so with `--scan` they are read from an
-unrolled copy of the step (`--flops=unrolled`). The original (github.com/haoosz/BiGR, from the read-only
-mirror `--original_repo`, copied to a temp dir with torchvision stubbed) runs `model.train()`, forward with
+unrolled copy of the step (`--flops=unrolled`). The original (github.com/haoosz/BiGR, from its checkout
+`--original=CHECKOUT`, copied to a temp dir with torchvision stubbed) runs `model.train()`, forward with
 targets, `backward()`, grad clipping, AdamW and its EMA update, as its train_ddp.py does (eager, float32;
 `--original_compile` wraps the model in torch.compile as its default training does).
 
@@ -171,7 +171,7 @@ def original_runner(name: str, args):
   import contextlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  gpt = original_code.load_original(args.original_repo)
+  gpt = original_code.load_original(args.original)
   cfg = model_config(name, args.layers)
   torch.manual_seed(0)
   with contextlib.redirect_stdout(io.StringIO()):  # it prints "We are using adaLN!"
@@ -255,11 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="time the layers under nn.scan (the TPU configs' default) instead of unrolled")
   parser.add_argument("--flops", default="unrolled", choices=("unrolled", "timed", "off"),
                       help="where compiled FLOPs come from (scan bodies count once in 'timed')")
-  parser.add_argument("--original", action="store_true", help="also time the original PyTorch train step")
+  parser.add_argument("--original", default="", metavar="CHECKOUT",
+                      help="also time the original PyTorch train step, from this checkout of github.com/haoosz/BiGR")
   parser.add_argument("--turn_s", type=float, default=0.5,
                       help="seconds of timed steps per turn (at least one step); turns of each side alternate")
   parser.add_argument("--original_compile", action="store_true", help="torch.compile the original")
-  parser.add_argument("--original_repo", default="/work/.mirror/haoosz+BiGR/repo")
   return parser
 
 
