@@ -141,7 +141,8 @@ class Session:
 
   @staticmethod
   def sampler_settings(base: sampler.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> sampler.SamplerConfig:
-    return base.replace(num_iter=_number(num_iter, "iterations", int, 1), cfg_scale=_number(cfg_scale, "cfg scale", low=0),
+    return base.replace(num_iter=_number(num_iter, "iterations", int, 1),
+                        cfg_scale=_number(cfg_scale, "cfg scale", low=0),
                         gumbel_temp=_number(gumbel_temp, "gumbel temperature", low=0))
 
   def held_out(self, index):

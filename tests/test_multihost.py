@@ -79,7 +79,8 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
   bae = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(bae_model, jax.random.key(1))), bae_model)
   convert_io.write_state_dict(bae, tmp_path / "bae.npz")
   sample = ("--mode=sample", "--config.sample.num_iter=2", "--config.sample.infer_steps=2",
-            "--config.tokenizer.config=configs/bae_d24.py:runlocal", f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
+            "--config.tokenizer.config=configs/bae_d24.py:runlocal",
+            f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
   on_two_processes(workdir, *sample)
   two = dict(np.load(workdir / "samples" / "samples.npz"))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -163,7 +163,8 @@ def save_config(config, workdir, resuming: bool) -> None:
   old_flat, new_flat = _flat(json.loads(path.read_text())), _flat(new)
   changes = {key: [old_flat.get(key), new_flat.get(key)] for key in sorted(old_flat.keys() | new_flat.keys())
              if old_flat.get(key) != new_flat.get(key)}
-  breaking = [key for key in changes if key == "family" or key.startswith("model.") and key not in COMPUTE_ONLY_FIELDS]
+  breaking = [key for key in changes
+              if key == "family" or (key.startswith("model.") and key not in COMPUTE_ONLY_FIELDS)]
   if breaking:
     differences = ", ".join(f"{key}: {changes[key][0]} there, {changes[key][1]} here" for key in breaking)
     raise ConfigChanged(f"{workdir} holds a run of another model ({differences}): resume it with the model it was "
