@@ -11,8 +11,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import filelock  # noqa: E402
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from bigr_jax import typed_config  # noqa: E402
+from bigr_jax.convert import generator_weights, io as convert_io, tokenizer_weights  # noqa: E402
+from bigr_jax.models import bigr, tokenizer  # noqa: E402
+from bigr_jax.models.config import GeneratorConfig, TokenizerConfig  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # One persistent compilation cache for the tests and the commands they start (`python -m bigr_jax.main ...`
@@ -63,3 +69,21 @@ def quick_demo(tmp_path_factory, worker_id) -> QuickDemo:
     if not stdout.exists():
       stdout.write_text(run_quick_demo(workdir))
   return QuickDemo(workdir, stdout.read_text())
+
+
+def write_released_generator(path, config: str, seed: int) -> GeneratorConfig:
+  """Random weights of `config`'s generator in the released file's layout ({"ema": state_dict}, its aliases
+  included); its model config."""
+  model = GeneratorConfig.from_config(typed_config.load_config_file(config).model)
+  state_dict = generator_weights.flax_to_torch(nn.unbox(bigr.init_params(model, jax.random.key(seed))), model)
+  convert_io.write_state_dict(state_dict, path, wrap_key="ema", aliases=generator_weights.aliases(state_dict))
+  return model
+
+
+def write_released_tokenizer(path, config: str, seed: int) -> TokenizerConfig:
+  """Random weights of `config`'s B-AE in the released file's layout (`ae.*` entries); its model config."""
+  model = TokenizerConfig.from_config(typed_config.load_config_file(config).model)
+  state_dict = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(model, jax.random.key(seed))), model,
+                                               prefix="ae.")
+  convert_io.write_state_dict(state_dict, path)
+  return model

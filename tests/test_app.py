@@ -13,7 +13,6 @@ import tempfile
 import time
 import urllib.request
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -26,11 +25,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from bigr_jax import app, artifacts, demo, images as images_lib, typed_config
-from bigr_jax.convert import generator_weights, io as convert_io, tokenizer_weights
-from bigr_jax.models import bigr, tokenizer
-from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 from bigr_jax.sampling import run_sample
-from conftest import user_env
+from conftest import user_env, write_released_generator, write_released_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "test-artifacts" / "app"
@@ -233,14 +229,8 @@ def test_a_generator_config_on_released_weights(tmp_path):
   the "ema" wrapper, a B-AE .th), loaded the way --mode=sample loads them; a repeated request compiles nothing."""
   config = typed_config.load_config_file("configs/bigr_l.py:runlocal")
   bae_config = "configs/bae_d24.py:runlocal"
-  gen_model = GeneratorConfig.from_config(config.model)
-  tok_model = TokenizerConfig.from_config(typed_config.load_config_file(bae_config).model)
-  state_dict = generator_weights.flax_to_torch(nn.unbox(bigr.init_params(gen_model, jax.random.key(0))), gen_model)
-  convert_io.write_state_dict(state_dict, tmp_path / "bigr.pt", wrap_key="ema",
-                             aliases=generator_weights.aliases(state_dict))
-  bae = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(tok_model, jax.random.key(1))), tok_model,
-                                       prefix="ae.")
-  convert_io.write_state_dict(bae, tmp_path / "binaryae.th")
+  write_released_generator(tmp_path / "bigr.pt", "configs/bigr_l.py:runlocal", seed=0)
+  tok_model = write_released_tokenizer(tmp_path / "binaryae.th", bae_config, seed=1)
   config.init_from = str(tmp_path / "bigr.pt")
   config.tokenizer.update(config=bae_config, checkpoint=str(tmp_path / "binaryae.th"))
   config.sample.update(infer_steps=2, batch_size=4)

@@ -9,14 +9,11 @@ import subprocess
 import sys
 import threading
 
-import flax.linen as nn
-import jax
 import pytest
 
 from bigr_jax import hub, typed_config
-from bigr_jax.convert import generator_weights, io as convert_io, tokenizer_weights
-from bigr_jax.models import bigr, tokenizer
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
+from conftest import write_released_generator, write_released_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATOR, BAE = "configs/bigr_l.py:runlocal", "configs/bae_d24.py:runlocal"
@@ -83,16 +80,9 @@ def hub_server(tmp_path_factory):
   """The hub, holding a runlocal generator (.pt, "ema" wrapper) and B-AE (.th) in the released layouts."""
   server = Hub()
   folder = tmp_path_factory.mktemp("weights")
-  gen_model = GeneratorConfig.from_config(typed_config.load_config_file(GENERATOR).model)
-  tok_model = TokenizerConfig.from_config(typed_config.load_config_file(BAE).model)
-  state_dict = generator_weights.flax_to_torch(nn.unbox(bigr.init_params(gen_model, jax.random.key(0))), gen_model)
-  convert_io.write_state_dict(state_dict, folder / "tiny.pt", wrap_key="ema",
-                              aliases=generator_weights.aliases(state_dict))
-  bae = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(tok_model, jax.random.key(1))), tok_model,
-                                        prefix="ae.")
-  convert_io.write_state_dict(bae, folder / "tiny.th")
-  other = generator_weights.flax_to_torch(nn.unbox(bigr.init_params(gen_model, jax.random.key(2))), gen_model)
-  convert_io.write_state_dict(other, folder / "cut.pt", wrap_key="ema")  # its own content: not in the cache
+  write_released_generator(folder / "tiny.pt", GENERATOR, seed=0)
+  write_released_tokenizer(folder / "tiny.th", BAE, seed=1)
+  write_released_generator(folder / "cut.pt", GENERATOR, seed=2)  # its own content: not in the cache
   for name in ("tiny.pt", "tiny.th", "cut.pt"):
     server.files[(REPO, f"weights/{name}")] = (folder / name).read_bytes()
   server.truncated.add("weights/cut.pt")

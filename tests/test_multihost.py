@@ -8,15 +8,10 @@ import socket
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
-from bigr_jax import typed_config
-from bigr_jax.convert import io as convert_io, tokenizer_weights
-from bigr_jax.models import tokenizer
-from bigr_jax.models.config import TokenizerConfig
+from conftest import write_released_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,9 +70,7 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
 
   # Sampling on the 2 processes equals sampling on 1 process of 8 devices with the same mesh: each process
   # gathers the samples, process 0 writes them.
-  bae_model = TokenizerConfig.from_config(typed_config.load_config_file("configs/bae_d24.py:runlocal").model)
-  bae = tokenizer_weights.flax_to_torch(nn.unbox(tokenizer.init_params(bae_model, jax.random.key(1))), bae_model)
-  convert_io.write_state_dict(bae, tmp_path / "bae.npz")
+  write_released_tokenizer(tmp_path / "bae.npz", "configs/bae_d24.py:runlocal", seed=1)
   sample = ("--mode=sample", "--config.sample.num_iter=2", "--config.sample.infer_steps=2",
             "--config.tokenizer.config=configs/bae_d24.py:runlocal",
             f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
