@@ -76,14 +76,13 @@ def check_pairing(source, model_config) -> None:
                      f"(size, bits or resolution): use --config={released.config}")
 
 
-def local_path(source, model_config=None) -> str:
-  """The local path of a weights source: an `hf://` name is checked against `model_config` (when given), then
-  fetched into the hub cache once; any other source is returned as it is."""
+def local_path(source, model_config: Union[GeneratorConfig, TokenizerConfig]) -> str:
+  """The local path of a weights source: an `hf://` name is checked against `model_config`, then fetched into
+  the hub cache once; any other source is returned as it is."""
   hub_file = parse(source)
   if hub_file is None:
     return str(source)
-  if model_config is not None:
-    check_pairing(source, model_config)
+  check_pairing(source, model_config)
   try:
     return huggingface_hub.hf_hub_download(hub_file.repo, hub_file.path, revision=hub_file.revision)
   except hub_errors.LocalEntryNotFoundError as e:
