@@ -23,7 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bigr_jax import aot, chips, parallel
+from bigr_jax import aot, chips, config_sections, parallel
 from bigr_jax.config_lib import load_config_file
 from bigr_jax.models.attention import ATTENTION
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main():
   args = build_parser().parse_args()
-  devices = chips.target_devices(chips.CompileConfig(topology=args.topology))
+  devices = chips.target_devices(config_sections.CompileConfig(topology=args.topology))
   results = dict(attention={}, train_step={})
   one_chip = jax.sharding.SingleDeviceSharding(devices[0])
   for kind in ("xla", "splash"):

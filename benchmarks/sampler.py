@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigr_jax import config_sections
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
-from bigr_jax.sampling import sampler
+from bigr_jax.sampling import sampler, schedules
 import original_code  # benchmarks/original_code.py (scripts run from their folder)
 
 CONFIGS = {
@@ -68,9 +69,9 @@ def bench_jax(name: str, num_iters, batch: int, infer_steps: int, cfg_scale: flo
   trunk_s, _ = _time(lambda: trunk(*trunk_args), repeats=3)
   runs = {}
   for num_iter in num_iters:
-    config = sampler.SamplerConfig(num_iter=num_iter, cfg_scale=cfg_scale, gumbel_temp=0.01, transcode_sizes=sizes,
+    config = config_sections.SamplerConfig(num_iter=num_iter, cfg_scale=cfg_scale, gumbel_temp=0.01, transcode_sizes=sizes,
                                    infer_steps=infer_steps)
-    tables = {k: jnp.asarray(v) for k, v in config.tables(cfg.seq_len).items()}
+    tables = {k: jnp.asarray(v) for k, v in schedules.tables(config, cfg.seq_len).items()}
     static = sampler._Static(sampler._static_part(config), cfg, None, ("data",))  # pylint: disable=protected-access
     start = time.perf_counter()
     compiled = sampler._sample.lower(params, labels, None, jax.random.key(1), bits, masked, tables,  # pylint: disable=protected-access
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--infer_steps", type=int, default=100)
   parser.add_argument("--cfg_scale", type=float, default=3.0)
-  parser.add_argument("--transcode_sizes", type=int, default=sampler.SamplerConfig().transcode_sizes)
+  parser.add_argument("--transcode_sizes", type=int, default=config_sections.SamplerConfig().transcode_sizes)
   parser.add_argument("--original", default="", metavar="CHECKOUT",
                       help="also time the original PyTorch sampler, from this checkout of github.com/haoosz/BiGR")
   parser.add_argument("--original_full", action="store_true", help="time every original setting in full")

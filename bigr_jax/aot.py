@@ -1,7 +1,7 @@
 """`--mode=compile`: every program a run would execute, compiled ahead of time for its chips; nothing allocated.
 
 The run's own config decides the programs and their shapes (mesh, batch, remat, dtype, image and code sizes);
-`config.compile` (`chips.CompileConfig`) the chips: a TPU topology by name, compiled on any host with libtpu
+`config.compile` (`config_sections.CompileConfig`) the chips: a TPU topology by name, compiled on any host with libtpu
 (a CPU host included: the TPU compiler and its memory planner run here), or this host's devices.
 
 Programs: the family's train step; for a generator also the sampler at `config.sample` (its `batch_size`, or
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigr_jax import chips, files, parallel
+from bigr_jax import chips, config_sections, files, parallel
 from bigr_jax.evaluation import features as features_lib, run as evaluation_run
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
@@ -301,7 +301,7 @@ def suggestions(config, family: str, mesh) -> list:
   return out
 
 
-def compile_family(config, family: str, compile_config: chips.CompileConfig) -> dict:
+def compile_family(config, family: str, compile_config: config_sections.CompileConfig) -> dict:
   devices = chips.target_devices(compile_config)
   mesh = parallel.make_mesh(config.mesh, devices)
   shards = parallel.batch_shards(mesh)
@@ -344,7 +344,7 @@ def run(config, workdir, family: Optional[str] = None) -> dict:
   """`--mode=compile` for a generator or tokenizer config: prints the table and the JSON line, writes
   <workdir>/compile.json, and raises DoesNotFit if a program needs more HBM than its chips have."""
   family = family or config.family
-  report = compile_family(config, family, chips.CompileConfig.from_config(config.compile))
+  report = compile_family(config, family, config_sections.CompileConfig.from_config(config.compile))
   print(table(report), flush=True)
   print(json.dumps(report), flush=True)
   if jax.process_index() == 0:

@@ -26,9 +26,9 @@ from absl import app as absl_app, flags, logging as absl_logging
 from ml_collections import config_flags
 from PIL import Image
 
-from bigr_jax import artifacts, demo, images as images_lib, parallel, typed_config
+from bigr_jax import artifacts, config_sections, demo, images as images_lib, parallel, typed_config
 from bigr_jax.data.transforms import center_crop_arr
-from bigr_jax.sampling import editing, run_sample, sampler
+from bigr_jax.sampling import editing, run_sample
 
 FLAGS = flags.FLAGS
 
@@ -96,7 +96,7 @@ class Session:
     else:
       gen, gen_workdir, self._held_out = config, workdir, None
     self.sampler_config, self.run = run_sample.sample_settings(gen.sample)
-    self.edit = typed_config.from_section(run_sample.EditConfig, gen.edit, "config.edit")
+    self.edit = typed_config.from_section(config_sections.EditConfig, gen.edit, "config.edit")
     self.mesh = parallel.make_mesh(gen.mesh)
     models = artifacts.sampling_models(gen, gen_workdir, use_ema=self.run.use_ema)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -140,7 +140,7 @@ class Session:
     return int(ids[0])
 
   @staticmethod
-  def sampler_settings(base: sampler.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> sampler.SamplerConfig:
+  def sampler_settings(base: config_sections.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> config_sections.SamplerConfig:
     return base.replace(num_iter=_number(num_iter, "iterations", int, 1),
                         cfg_scale=_number(cfg_scale, "cfg scale", low=0),
                         gumbel_temp=_number(gumbel_temp, "gumbel temperature", low=0))
@@ -229,7 +229,7 @@ class Session:
       if edited.cloned is not None:
         cloned = images_lib.make_grid(enlarge(np.concatenate([image[None], edited.cloned[:shown]])), nrow=shown + 1)
       strip = images_lib.decoding_strip(enlarge(edited.images[:shown]) / 255.0, edited.decoded_at[:shown],
-                                        edit.sampler_config().num_iter)
+                                        editing.task_sampler(edit).num_iter)
       return (results, cloned, strip), f"{task}: {shown} results"
 
     return self._timed(work)
@@ -268,7 +268,7 @@ def build_ui(session: Session) -> gr.Blocks:
   config = session.sampler_config
   class_list = ", ".join(f"{i}: {name}" for i, name in enumerate(session.names))
 
-  def settings(base: sampler.SamplerConfig, prefix: str):
+  def settings(base: config_sections.SamplerConfig, prefix: str):
     with gr.Row():
       return (gr.Slider(1, 64, value=base.num_iter, step=1, label="iterations", elem_id=f"{prefix}-iter"),
               gr.Number(value=base.cfg_scale, label="cfg scale", elem_id=f"{prefix}-cfg"),

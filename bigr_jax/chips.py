@@ -12,14 +12,14 @@ ICI over all ports; GPU: NVLink). Sources, the vendors' public spec pages:
   NVLink 900 GB/s (H100 / H200 datasheets)
 """
 
-import dataclasses
 import os
 from typing import NamedTuple, Optional
 
 import jax
 from jax.experimental import topologies
 
-from bigr_jax import files, typed_config
+from bigr_jax import files
+from bigr_jax.config_sections import CompileConfig
 
 
 class Chip(NamedTuple):
@@ -62,28 +62,6 @@ def peak_flops_per_device(configured: float = 0.0, device=None) -> float:
     return float(configured)
   chip = chip_of(device or jax.devices()[0])
   return chip.peak_bf16_flops if chip else 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CompileConfig:
-  """`config.compile`: the chips `--mode=compile` compiles for.
-
-  topology: a TPU slice by libtpu's name, "<generation>:<shape>" (v5e:4x8, v5p:2x4x4, v4:2x2x4, v6e:4x4);
-    compiled on any host, a CPU included, with libtpu installed (the `tpu` extra). Empty: this host's devices.
-  num_slices: slices joined over the data-center network (multislice); the mesh spans all of them.
-  """
-  topology: str = ""
-  num_slices: int = 1
-
-  def __post_init__(self):
-    if self.num_slices < 1:
-      raise ValueError(f"compile.num_slices={self.num_slices} must be >= 1")
-    if self.topology and ":" not in self.topology:
-      raise ValueError(f"compile.topology={self.topology!r}: expected '<generation>:<shape>', e.g. 'v5e:2x2'")
-
-  @classmethod
-  def from_config(cls, section) -> "CompileConfig":
-    return typed_config.from_section(cls, section, "config.compile")
 
 
 def target_devices(compile_config: CompileConfig) -> list:

@@ -9,14 +9,8 @@ from typing import Optional
 
 import ml_collections
 
-from bigr_jax import chips, parallel, typed_config
-from bigr_jax.data import builder as data_lib
-from bigr_jax.evaluation import run as evaluation_run
+from bigr_jax import config_sections, typed_config
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig
-from bigr_jax.sampling import run_sample, sampler
-from bigr_jax.train import state
-
-load_config_file = typed_config.load_config_file
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -69,7 +63,7 @@ def check_training_fields(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{name}={value} must be {'at least 1' if low else 'a non-negative number'}")
   for section in ("optim", "disc_optim"):
     if section in c:
-      state.OptimConfig.from_config(c[section], f"config.{section}")
+      config_sections.OptimConfig.from_config(c[section], f"config.{section}")
 
 
 def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:
@@ -79,8 +73,8 @@ def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:
   c.seed = 0
   c.total_steps = 0  # 0: derived from num_epochs and the dataset size
   c.num_epochs = 0.0
-  c.mesh = typed_config.to_section(parallel.MeshConfig())
-  c.compile = typed_config.to_section(chips.CompileConfig())  # --mode=compile: the chips to compile for
+  c.mesh = typed_config.to_section(config_sections.MeshConfig())
+  c.compile = typed_config.to_section(config_sections.CompileConfig())  # --mode=compile: the chips to compile for
   c.logical_axis_rules = ()  # empty: bigr_jax.parallel.DEFAULT_RULES
   c.init_from = ""
   c.resume_step = 0  # 0: the newest checkpoint that restores; N: that step (later ones are set aside)
@@ -98,17 +92,17 @@ def base_generator_config() -> ml_collections.ConfigDict:
   _training_fields(c, "generator")
   c.batch_size = 1024
   c.num_epochs = 400.0
-  c.optim = typed_config.to_section(state.OptimConfig())
+  c.optim = typed_config.to_section(config_sections.OptimConfig())
   c.ema_decay = 0.9999
-  c.data = typed_config.to_section(data_lib.DataConfig(name="codes", image_size=256, flip=True, worker_count=4))
+  c.data = typed_config.to_section(config_sections.DataConfig(name="codes", image_size=256, flip=True, worker_count=4))
   # The B-AE that decodes samples: `config` a bae_* config file (or `model`, its model fields inline), and
   # `checkpoint` a released .th file, a converted params directory or a tokenizer workdir.
   c.tokenizer = ml_collections.ConfigDict(dict(checkpoint="", config=""))
-  c.sample = typed_config.to_section(sampler.SamplerConfig(cfg_scale=2.5, gumbel_temp=0.17),
-                                     run_sample.SampleRun())
+  c.sample = typed_config.to_section(config_sections.SamplerConfig(cfg_scale=2.5, gumbel_temp=0.17),
+                                     config_sections.SampleRun())
   del c.sample["resample_known"]  # editing only: config.edit.sampler.resample_known
-  c.edit = run_sample.edit_section()
-  c.evaluation = typed_config.to_section(evaluation_run.EvaluationConfig())
+  c.edit = config_sections.edit_section()
+  c.evaluation = typed_config.to_section(config_sections.EvaluationConfig())
   return c
 
 
@@ -150,16 +144,16 @@ def base_tokenizer_config(bits: int, image_size: int, total_steps: int, arg=None
   c.batch_size = BLD_PER_GPU_BATCH * arg.chips
   c.total_steps = total_steps
   lr = 4.5e-6 * BLD_PER_GPU_BATCH  # BLD's rule, by the per-GPU batch; x0.1 at 1.5M
-  c.optim = typed_config.to_section(state.OptimConfig(
+  c.optim = typed_config.to_section(config_sections.OptimConfig(
       name="adam", lr=lr, b1=0.9, b2=0.999, grad_clip=0.0, schedule="step", decay_step=1_500_000))
-  c.disc_optim = typed_config.to_section(state.OptimConfig(name="adam", lr=lr, b1=0.9, b2=0.999, grad_clip=0.0))
+  c.disc_optim = typed_config.to_section(config_sections.OptimConfig(name="adam", lr=lr, b1=0.9, b2=0.999, grad_clip=0.0))
   c.ema_decay = 0.995
   c.ema_every = 10
   c.loss = ml_collections.ConfigDict(dict(
       perceptual_weight=1.0, disc_weight_max=1.0, disc_start_step=30001, code_weight=0.0, entropy_weight=0.0))
   c.disc = ml_collections.ConfigDict(dict(ndf=64, n_layers=3))
   c.lpips = ml_collections.ConfigDict(dict(vgg_path="", lin_path="", random_init=False))
-  c.data = typed_config.to_section(data_lib.DataConfig(name="imagenet", image_size=image_size, flip=True,
+  c.data = typed_config.to_section(config_sections.DataConfig(name="imagenet", image_size=image_size, flip=True,
                                                        worker_count=4))
   c.tokenizer = ml_collections.ConfigDict(dict(checkpoint=""))  # for --mode=encode: weights to encode with
   c.encode_batch_size = 64

@@ -5,6 +5,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from bigr_jax.config_sections import CLONE_CENTERS
 from bigr_jax.data.transforms import center_crop_arr
 
 
@@ -64,7 +65,6 @@ def check_rgb(image: Image.Image, where: str = "the image") -> Image.Image:
   return image
 
 
-CLONE_CENTERS = ("box", "mean")
 
 
 def seamless_clone(source, destination, mask, center: str = "box") -> np.ndarray:

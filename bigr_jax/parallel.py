@@ -1,7 +1,6 @@
 """Device mesh, logical-axis sharding rules, and host-local to global batches."""
 
 import contextlib
-import dataclasses
 import os
 from typing import Any, Sequence, Tuple
 
@@ -11,7 +10,7 @@ from jax.experimental import mesh_utils, multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bigr_jax import typed_config
+from bigr_jax.config_sections import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -28,20 +27,6 @@ DEFAULT_RULES = (
     ("bits", None),
     ("tokens", None),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  """Mesh axis sizes (`config.mesh`); one of data / fsdp / tensor may be -1 (the remaining devices).
-  dcn_data > 1 spreads `data` over that many slices (multi-slice TPU)."""
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-  dcn_data: int = 1
-
-  @classmethod
-  def from_config(cls, section) -> "MeshConfig":
-    return typed_config.from_section(cls, section, "config.mesh")
 
 
 def maybe_initialize_distributed() -> None:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigr_jax import parallel
+from bigr_jax import config_sections, parallel
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.models import attention, bigr, config as config_lib, transformer
 from bigr_jax.sampling import sampler
@@ -84,7 +84,7 @@ def test_model_loss_and_gradients_match_with_splash_sharded_over_batch_and_heads
                                     seq_len=256, denoise_hidden_dim=32, num_block_mlp=1)
   params = nn.meta.unbox(bigr.init_params(base, jax.random.key(0)))
   want_loss, want_grads = _loss_and_grads(base, params)
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+  mesh = parallel.make_mesh(config_sections.MeshConfig(data=2, fsdp=2, tensor=2))
   for mesh_or_none in (None, mesh):
     loss, grads = _loss_and_grads(base.replace(attention="splash"), params, mesh_or_none)
     assert abs(float(loss) - float(want_loss)) < TOL
@@ -94,7 +94,7 @@ def test_model_loss_and_gradients_match_with_splash_sharded_over_batch_and_heads
 
 def test_splash_runs_per_shard_under_a_mesh():
   q, k, v = _rotated_qkv(batch=8)
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
+  mesh = parallel.make_mesh(config_sections.MeshConfig(data=2, fsdp=2, tensor=2))
 
   def attend(q, k, v):
     with nn.logical_axis_rules(parallel.DEFAULT_RULES):
@@ -110,14 +110,14 @@ def test_sampler_and_features_give_the_same_results_with_splash_on_a_mesh():
   base = config_lib.GeneratorConfig(dim=64, n_layer=2, n_head=4, binary_size=8, num_classes=10, block_size=16,
                                     seq_len=16, denoise_hidden_dim=32, num_block_mlp=1)
   params = nn.meta.unbox(bigr.init_params(base, jax.random.key(0)))
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=4, fsdp=1, tensor=2))
+  mesh = parallel.make_mesh(config_sections.MeshConfig(data=4, fsdp=1, tensor=2))
   labels = np.arange(8) % 10
   bits = np.asarray(jax.random.uniform(jax.random.key(3), (8, 16, 8)) > 0.5, np.float32)
   samples, features = {}, {}
   for kind in ("xla", "splash"):
     model_config = base.replace(attention=kind)
     samples[kind] = sampler.generate(model_config, params, labels, jax.random.key(4),
-                                     sampler.SamplerConfig(num_iter=4, infer_steps=5), mesh=mesh)
+                                     config_sections.SamplerConfig(num_iter=4, infer_steps=5), mesh=mesh)
     program, shardings = features_lib.pooled_program(model_config, [0, 1], mesh)
     features[kind] = program(jax.device_put(params, shardings), bits, labels)
   np.testing.assert_array_equal(samples["splash"].bits, samples["xla"].bits)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import aot, chips, config_lib, parallel
+from bigr_jax import aot, chips, config_sections, parallel, typed_config
 from bigr_jax.train import generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,29 +89,29 @@ def test_a_batch_the_chips_cannot_split_is_a_usage_error_before_any_compile(tmp_
 
 def test_the_b_ae_batch_spans_the_16_and_32_chip_slices_through_its_chips_argument():
   _needs_libtpu()
-  shipped = config_lib.load_config_file(os.path.join(ROOT, "configs/bae_d24.py"))
+  shipped = typed_config.load_config_file(os.path.join(ROOT, "configs/bae_d24.py"))
   with pytest.raises(ValueError, match=r"batch_size=24 does not split over the 32 batch shards of 32 chips .*"
                                        r"\(the B-AE configs' `:chips=32`\)"):
-    aot.compile_family(shipped, "tokenizer", chips.CompileConfig(topology="v5e:4x8"))  # refused before compiling
+    aot.compile_family(shipped, "tokenizer", config_sections.CompileConfig(topology="v5e:4x8"))  # refused before compiling
   for name in ("bae_d24", "bae_d32", "bae_d32_512"):
     for topology in ("v5e:4x8", "v4:2x2x4", "v5p:2x2x4", "v6e:4x4"):  # 32 chips, then 16 of each
-      devices = chips.target_devices(chips.CompileConfig(topology=topology))
-      config = config_lib.load_config_file(os.path.join(ROOT, f"configs/{name}.py:chips={len(devices)}"))
+      devices = chips.target_devices(config_sections.CompileConfig(topology=topology))
+      config = typed_config.load_config_file(os.path.join(ROOT, f"configs/{name}.py:chips={len(devices)}"))
       shards = parallel.batch_shards(parallel.make_mesh(config.mesh, devices))
       assert config.batch_size == 3 * shards == 3 * len(devices)  # BLD's 3 images per GPU, on every chip
       assert config.optim.lr == shipped.optim.lr  # BLD's rate follows the per-GPU batch
   with pytest.raises(ValueError, match="chips=0: the number of chips"):
-    config_lib.load_config_file(os.path.join(ROOT, "configs/bae_d24.py:chips=0"))
+    typed_config.load_config_file(os.path.join(ROOT, "configs/bae_d24.py:chips=0"))
   with pytest.raises(ValueError, match="runlocal has its own"):
-    config_lib.load_config_file(os.path.join(ROOT, "configs/bae_d24.py:runlocal,chips=16"))
+    typed_config.load_config_file(os.path.join(ROOT, "configs/bae_d24.py:runlocal,chips=16"))
 
 
 def test_argument_bytes_are_the_sharded_state_and_batch():
   """On this host's 8 devices (no tile padding): the train step's arguments per device are exactly the
   state (params, EMA, optimizer moments) as its shardings split it, plus the batch shard and the key."""
-  config = config_lib.load_config_file(os.path.join(ROOT, GENERATOR))
+  config = typed_config.load_config_file(os.path.join(ROOT, GENERATOR))
   config.mesh.update(data=2, fsdp=4, tensor=1)
-  devices = chips.target_devices(chips.CompileConfig())
+  devices = chips.target_devices(config_sections.CompileConfig())
   mesh = parallel.make_mesh(config.mesh, devices)
   train = dataclasses.replace(aot.generator_programs(config, mesh)[0], per_block=None)  # its memory alone
   result = aot.analyse(train, devices)
@@ -148,7 +148,7 @@ def test_collectives_are_read_from_the_compiled_hlo_with_the_bytes_each_chip_sen
 
 
 def test_a_tokenizer_that_does_not_fit_is_told_to_remat_its_blocks():
-  config = config_lib.load_config_file(os.path.join(ROOT, "configs", "bae_d32_512.py"))
+  config = typed_config.load_config_file(os.path.join(ROOT, "configs", "bae_d32_512.py"))
   mesh = parallel.make_mesh(config.mesh)
   assert aot.suggestions(config, "tokenizer", mesh)[0].startswith("--config.model.remat=True")
   config.model.remat = True

@@ -13,13 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigr_jax import chips, main, parallel, typed_config
-from bigr_jax.data import DataConfig
-from bigr_jax.evaluation import EvaluationConfig
+from bigr_jax import chips, config_sections, main, parallel, typed_config
 from bigr_jax.convert import generator_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig, from_model_args
-from bigr_jax.sampling import editing, run_sample, sampler
-from bigr_jax.train import state as state_lib
+from bigr_jax.sampling import editing, run_sample, sampler, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("bigr_l", "bigr_xl", "bigr_xxl", "bigr_l_512", "bae_d24", "bae_d32", "bae_d32_512", "demo", "mnist")
@@ -32,14 +29,14 @@ def parse(*argv, config="configs/bigr_l.py:runlocal"):
 
 def _sections(config):
   """Every typed section of a generator or tokenizer config, built as the code builds them."""
-  out = [parallel.MeshConfig.from_config(config.mesh), DataConfig.from_config(config.data),
-         state_lib.OptimConfig.from_config(config.optim)]
+  out = [config_sections.MeshConfig.from_config(config.mesh), config_sections.DataConfig.from_config(config.data),
+         config_sections.OptimConfig.from_config(config.optim)]
   if config.family == "generator":
     out += [GeneratorConfig.from_config(config.model), *run_sample.sample_settings(config.sample),
-            typed_config.from_section(run_sample.EditConfig, config.edit, "config.edit"),
-            EvaluationConfig.from_config(config.evaluation)]
+            typed_config.from_section(config_sections.EditConfig, config.edit, "config.edit"),
+            config_sections.EvaluationConfig.from_config(config.evaluation)]
   else:
-    out += [TokenizerConfig.from_config(config.model), state_lib.OptimConfig.from_config(config.disc_optim)]
+    out += [TokenizerConfig.from_config(config.model), config_sections.OptimConfig.from_config(config.disc_optim)]
   return out
 
 
@@ -98,17 +95,17 @@ def test_unknown_keys_are_errors_that_name_them():
     run_sample.sample_settings(config.sample)
   for cls, section, where in ((GeneratorConfig, {"dimm": 8}, "generator config.model"),
                               (TokenizerConfig, {"nff": 8}, "tokenizer config.model"),
-                              (DataConfig, {"nmae": "codes"}, "config.data"),
-                              (parallel.MeshConfig, {"fsdb": 2}, "config.mesh"),
-                              (state_lib.OptimConfig, {"grad_clipp": 1.0}, "config.optim"),
-                              (EvaluationConfig, {"probe": {"epoch": 3}}, "config.evaluation.probe")):
+                              (config_sections.DataConfig, {"nmae": "codes"}, "config.data"),
+                              (config_sections.MeshConfig, {"fsdb": 2}, "config.mesh"),
+                              (config_sections.OptimConfig, {"grad_clipp": 1.0}, "config.optim"),
+                              (config_sections.EvaluationConfig, {"probe": {"epoch": 3}}, "config.evaluation.probe")):
     key = next(iter(section if "probe" not in section else section["probe"]))
     with pytest.raises(ValueError, match=rf"unknown {where} field\(s\) \['{key}'\]; known: \["):
       cls.from_config(section)
   with pytest.raises(ValueError, match="resample_known.*config.edit.sampler.resample_known"):
     run_sample.sample_settings({"resample_known": True})
   with pytest.raises(ValueError, match=r"unknown config.edit.sampler field\(s\) \['numiter'\]"):
-    run_sample.EditConfig(sampler={"numiter": 3})
+    config_sections.EditConfig(sampler={"numiter": 3})
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -196,7 +193,7 @@ def _sample(model_config, params, sampler_config):
 
 def test_every_sampler_field_arrives_from_the_command_line_and_changes_the_sampler(tiny_model):
   model_config, params = tiny_model
-  assert set(SAMPLER_VALUES) == set(typed_config.field_names(sampler.SamplerConfig)) - {"resample_known"}
+  assert set(SAMPLER_VALUES) == set(typed_config.field_names(config_sections.SamplerConfig)) - {"resample_known"}
   for field, value in SAMPLER_VALUES.items():
     # Without Gumbel noise the decoding order follows the model's confidences.
     # A schedule is seen with a large enough value under it.
@@ -218,7 +215,7 @@ def _lowered_text(model_config, params, sampler_config) -> str:
   labels = jnp.zeros((2,), jnp.int32)
   bits = jnp.zeros((2, model_config.seq_len, model_config.binary_size))
   masked = jnp.ones((2, model_config.seq_len), bool)
-  tables = {k: jnp.asarray(v) for k, v in sampler_config.tables(model_config.seq_len).items()}
+  tables = {k: jnp.asarray(v) for k, v in schedules.tables(sampler_config, model_config.seq_len).items()}
   static = sampler._Static(sampler._static_part(sampler_config), model_config, None, ("data",))  # pylint: disable=protected-access
   return sampler._sample.lower(params, labels, None, jax.random.key(0), bits, masked, tables,  # pylint: disable=protected-access
                                static).as_text()
@@ -239,12 +236,12 @@ def test_infer_steps_and_transcode_sizes_shape_the_lowered_program(tiny_model):
 
 
 def test_edit_sampler_settings_default_to_the_original_apps_and_arrive_from_the_command_line():
-  edit = typed_config.from_section(run_sample.EditConfig, parse().edit, "config.edit")
-  assert edit.sampler_config() == editing.TASK_SAMPLERS["inpaint"] == editing.EDIT_CONFIG
+  edit = typed_config.from_section(config_sections.EditConfig, parse().edit, "config.edit")
+  assert editing.task_sampler(edit) == editing.TASK_SAMPLERS["inpaint"] == editing.EDIT_CONFIG
   config = parse("--config.edit.task=interpolate", "--config.edit.sampler.num_iter=3",
                  "--config.edit.sampler.resample_known=True")
-  edit = typed_config.from_section(run_sample.EditConfig, config.edit, "config.edit")
-  assert edit.sampler_config() == editing.INTERPOLATE_CONFIG.replace(num_iter=3, resample_known=True)
+  edit = typed_config.from_section(config_sections.EditConfig, config.edit, "config.edit")
+  assert editing.task_sampler(edit) == editing.INTERPOLATE_CONFIG.replace(num_iter=3, resample_known=True)
 
 
 def test_wrong_family_and_mode_pairs_are_refused_before_any_work():

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import artifacts, config_lib, trees
+from bigr_jax import artifacts, trees, typed_config
 from bigr_jax.convert import __main__ as convert_cli
 from bigr_jax.convert import generator_weights, io, tokenizer_weights
 from bigr_jax.models import bigr, tokenizer as tokenizer_lib
@@ -181,7 +181,7 @@ BAE_LOCAL = str(ROOT / "configs" / "bae_d24.py") + ":runlocal"  # a tiny B-AE (f
 @pytest.fixture(scope="module")
 def bae_local():
   """(config, TokenizerConfig, random B-AE params, random discriminator variables) of bae_d24:runlocal."""
-  config = config_lib.load_config_file(BAE_LOCAL)
+  config = typed_config.load_config_file(BAE_LOCAL)
   model_config = TokenizerConfig.from_config(config.model)
   params = nn.meta.unbox(tokenizer_lib.init_params(model_config, jax.random.key(0)))
   disc = Discriminator(model_config.n_channels, config.disc.ndf, config.disc.n_layers)

@@ -12,12 +12,12 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.datasets import load_sample_image
 
-from bigr_jax import data
+from bigr_jax import config_sections, data
 from bigr_jax.data import sources
 
 
-def _config(**fields) -> data.DataConfig:
-  return data.DataConfig(**fields)
+def _config(**fields) -> config_sections.DataConfig:
+  return config_sections.DataConfig(**fields)
 
 
 def _take(iterator, n):

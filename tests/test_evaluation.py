@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bigr_jax import artifacts, parallel
+from bigr_jax import artifacts, config_sections, parallel
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.evaluation import inception
 from bigr_jax.evaluation import linear_probe
@@ -571,7 +571,7 @@ def test_evaluation_config_checks():
 
 
 def test_lr_schedule_is_maes():
-  config = linear_probe.ProbeConfig(epochs=10, batch_size=512, base_lr=0.1, warmup_epochs=2, min_lr=0.01)
+  config = config_sections.ProbeConfig(epochs=10, batch_size=512, base_lr=0.1, warmup_epochs=2, min_lr=0.01)
   schedule = linear_probe.lr_schedule(config, steps_per_epoch=4)
   assert config.lr == pytest.approx(0.2)
   assert float(schedule(0)) == 0.0 and float(schedule(4)) == pytest.approx(0.1)  # half-way through warmup
@@ -611,7 +611,7 @@ def test_linear_probe_on_digits(tmp_path, sharded_extractor, tiny_params, capsys
     source = DigitsSource(split=split, image_size=16)
     images = np.stack([source[i]["image"] for i in range(len(source))]).astype(np.float32) / 255.0
     data[split] = (images, source.labels)
-  probe = linear_probe.ProbeConfig(epochs=30, batch_size=256, base_lr=10.0, warmup_epochs=3)
+  probe = config_sections.ProbeConfig(epochs=30, batch_size=256, base_lr=10.0, warmup_epochs=3)
   pixels = linear_probe.train_probe(data["train"][0].reshape(len(data["train"][0]), -1), data["train"][1],
                                     data["test"][0].reshape(len(data["test"][0]), -1), data["test"][1], probe)
   codes = {split: _random_tokenizer_codes(data[split][0]) for split in data}
@@ -652,23 +652,23 @@ def _gaussian_classes(num_classes=10, dim=64, seed=0):
 
 def test_convex_probe_fits_classes_with_a_known_answer_and_mae_recipe_warns_on_a_small_set():
   (train_x, train_y), (test_x, test_y) = _gaussian_classes()
-  result = linear_probe.train_probe(train_x, train_y, test_x, test_y, linear_probe.ProbeConfig(optimizer="lbfgs"))
+  result = linear_probe.train_probe(train_x, train_y, test_x, test_y, config_sections.ProbeConfig(optimizer="lbfgs"))
   assert result["top1"] >= 95 and result["train_top1"] >= 95, result
-  assert result["converged"] and not result["fit_warning"] and result["l2"] in linear_probe.ProbeConfig().l2_grid
+  assert result["converged"] and not result["fit_warning"] and result["l2"] in config_sections.ProbeConfig().l2_grid
   assert result["final_loss"] < 0.5 * np.log(10)
   # MAE's recipe, as the demo had it: ~200 LARS steps leave the head at its initialisation, and it says so.
-  lars = linear_probe.train_probe(train_x, train_y, test_x, test_y, linear_probe.ProbeConfig(
+  lars = linear_probe.train_probe(train_x, train_y, test_x, test_y, config_sections.ProbeConfig(
       epochs=30, batch_size=256, eval_batch_size=512, warmup_epochs=3.0))
   assert lars["top1"] < 50 and "did not fit" in lars["fit_warning"], lars
 
 
 def test_convex_probe_chooses_its_penalty_on_held_out_training_rows():
   (train_x, train_y), (test_x, test_y) = _gaussian_classes(dim=256)
-  config = linear_probe.ProbeConfig(optimizer="lbfgs", l2_grid=(1e-6, 1.0), max_iter=300)
+  config = config_sections.ProbeConfig(optimizer="lbfgs", l2_grid=(1e-6, 1.0), max_iter=300)
   result = linear_probe.train_probe(train_x[:300], train_y[:300], test_x, test_y, config)
   assert set(result["val_top1"]) == {1e-6, 1.0}
   assert result["l2"] == max(result["val_top1"], key=lambda l2: (result["val_top1"][l2], l2))
   with pytest.raises(ValueError, match="l2_grid"):
-    linear_probe.ProbeConfig(optimizer="lbfgs", l2_grid=())
+    config_sections.ProbeConfig(optimizer="lbfgs", l2_grid=())
   with pytest.raises(ValueError, match="probe optimizer 'adam'"):
-    linear_probe.ProbeConfig(optimizer="adam")
+    config_sections.ProbeConfig(optimizer="adam")

@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from bigr_jax import config_lib, data, demo
+from bigr_jax import config_sections, data, demo, typed_config
 from bigr_jax.evaluation import quality
 from bigr_jax.sampling import sweep
 
@@ -71,15 +71,15 @@ def test_pareto_front_and_the_best_setting_within_a_speed_budget():
 
 
 def test_sweep_grid_is_every_combination():
-  config = sweep.SweepConfig(grid={"num_iter": (4, 8), "cfg_scale": (1.0, 2.5, 4.0)})
+  config = config_sections.SweepConfig(grid={"num_iter": (4, 8), "cfg_scale": (1.0, 2.5, 4.0)})
   settings = config.settings()
   assert len(settings) == 6 and settings[0] == {"num_iter": 4, "cfg_scale": 1.0}
   with pytest.raises(ValueError, match="config.sweep.grid is empty"):
-    sweep.SweepConfig().settings()
+    config_sections.SweepConfig().settings()
 
 
 def test_a_grid_field_that_config_sample_lacks_is_named_before_any_work(tmp_path):
-  gen, _ = demo.generator_stage(config_lib.load_config_file(str(ROOT / "configs" / "demo.py:quick")), tmp_path)
+  gen, _ = demo.generator_stage(typed_config.load_config_file(str(ROOT / "configs" / "demo.py:quick")), tmp_path)
   gen.sweep.grid = {"num_iter": (2,), "num_iterations": (4,)}
   with pytest.raises(ValueError, match="config.sweep.grid.num_iterations is not a config.sample field"):
     sweep.run_sweep(gen, tmp_path / "generator", scorer=None)
@@ -87,7 +87,7 @@ def test_a_grid_field_that_config_sample_lacks_is_named_before_any_work(tmp_path
 
 
 def test_the_paper_setting_is_ringed_only_where_the_sweep_holds_it():
-  gen = config_lib.load_config_file(str(ROOT / "configs" / "demo.py")).generator
+  gen = typed_config.load_config_file(str(ROOT / "configs" / "demo.py")).generator
   assert gen.sample.cfg_schedule == "linear" and demo.paper_point(gen) is None  # the paper's guidance is constant
   gen.sample.cfg_schedule = "constant"
   assert demo.paper_point(gen) == {"num_iter": 20, "cfg_scale": 2.5, "gumbel_temp": 0.17, "infer_steps": 100,

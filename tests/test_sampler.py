@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from bigr_jax import config_sections
 from bigr_jax.convert import generator_weights
 from bigr_jax.models import bigr, config as config_lib, transcoder
 from bigr_jax.sampling import sampler, schedules
@@ -127,7 +128,7 @@ def test_schedules_match_the_original(parity_dir):
                                 fx["infer_timesteps_100"])
   # pi/2 * r rounded as the original: at the last of 13 iterations cos() is -6e-17 with the other order.
   for iters in (1, 4, 13, 26, 39):
-    for schedule in schedules.MASK_SCHEDULES:
+    for schedule in config_sections.MASK_SCHEDULES:
       table = schedules.unmask_table(300, iters, schedule)
       assert (table >= 0).all()
       np.testing.assert_array_equal(table.sum(1), np.arange(301))
@@ -157,11 +158,11 @@ def test_reverse_step_matches_repeated_one_step():
 # (b) cfg <= 1 (no null half), the entropy ordering and thresholded bits, every token transcoded;
 # (c) the random ordering (a uniform order, whatever the model predicts).
 CONFIGS = {
-    "cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=2.5, cfg_schedule="linear", gumbel_temp=0.5,
+    "cfg": config_sections.SamplerConfig(num_iter=4, cfg_scale=2.5, cfg_schedule="linear", gumbel_temp=0.5,
                                  gumbel_schedule="down", transcode_sizes=4),
-    "no_cfg": sampler.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, gumbel_schedule="up",
+    "no_cfg": config_sections.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, gumbel_schedule="up",
                                     ordering="entropy", token_sampling="threshold", transcode_sizes=1),
-    "random": sampler.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, ordering="random",
+    "random": config_sections.SamplerConfig(num_iter=4, cfg_scale=1.0, gumbel_temp=0.3, ordering="random",
                                     transcode_sizes=4),
 }
 LABELS = {"cfg": np.array([0, 1, 2, 3, 4, 5, 6, 10]), "no_cfg": np.array([7, 10]), "random": np.array([2, 9])}
@@ -213,8 +214,8 @@ def test_program_size_does_not_grow_with_iterations(tiny):
   labels = jnp.zeros((2,), jnp.int32)
   sizes = []
   for num_iter in (4, 8):
-    config = sampler.SamplerConfig(num_iter=num_iter, transcode_sizes=2)
-    tables = {k: jnp.asarray(v) for k, v in config.tables(cfg.seq_len).items()}
+    config = config_sections.SamplerConfig(num_iter=num_iter, transcode_sizes=2)
+    tables = {k: jnp.asarray(v) for k, v in schedules.tables(config, cfg.seq_len).items()}
     static = sampler._Static(sampler._static_part(config), cfg, None, ("data",))  # pylint: disable=protected-access
     lowered = sampler._sample.lower(params, labels, None, jax.random.key(0), jnp.zeros((2, 16, 8)),  # pylint: disable=protected-access
                                     jnp.ones((2, 16), bool), tables, static=static)
@@ -247,9 +248,9 @@ def test_bad_inputs(tiny):
   with pytest.raises(ValueError, match="label_weights"):
     sampler.generate(cfg, params, np.array([[0, 1]]), jax.random.key(0))
   with pytest.raises(ValueError, match="unknown ordering"):
-    sampler.SamplerConfig(ordering="raster")
+    config_sections.SamplerConfig(ordering="raster")
   with pytest.raises(ValueError, match="unknown mask_schedule"):
-    sampler.SamplerConfig(mask_schedule="cos")
+    config_sections.SamplerConfig(mask_schedule="cos")
 
 
 def test_top_k_mask_takes_exactly_k_with_ties():

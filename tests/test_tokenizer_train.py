@@ -7,14 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import config_lib, data, parallel
+from bigr_jax import config_sections, data, parallel, typed_config
 from bigr_jax.train import state as state_lib, tokenizer as tokenizer_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def local_config(**changes):
-  c = config_lib.load_config_file(os.path.join(ROOT, "configs", "bae_d24.py") + ":runlocal")
+  c = typed_config.load_config_file(os.path.join(ROOT, "configs", "bae_d24.py") + ":runlocal")
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.tensorboard = False
   c.update(changes)
@@ -145,8 +145,8 @@ def test_optimizer_settings_reach_the_tokenizer():
 
 
 def test_step_decay_schedule_is_the_original_piecewise_constant():
-  optim = state_lib.OptimConfig.from_config(
-      config_lib.load_config_file(os.path.join(ROOT, "configs", "bae_d24.py")).optim)
+  optim = config_sections.OptimConfig.from_config(
+      typed_config.load_config_file(os.path.join(ROOT, "configs", "bae_d24.py")).optim)
   assert optim.schedule == "step" and optim.decay_step == 1_500_000
   schedule = state_lib.learning_rate_schedule(optim, total_steps=1_000_000)
   assert float(schedule(1_499_999)) == pytest.approx(optim.lr)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from bigr_jax import aot, config_lib, data, parallel
+from bigr_jax import aot, data, parallel, typed_config
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.train import checkpoints, generator, metrics as metrics_lib
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**mesh):
-  c = config_lib.load_config_file(os.path.join(ROOT, "configs", "bigr_l.py") + ":runlocal")
+  c = typed_config.load_config_file(os.path.join(ROOT, "configs", "bigr_l.py") + ":runlocal")
   c.mesh.update(data=mesh.get("data", 2), fsdp=mesh.get("fsdp", 2), tensor=mesh.get("tensor", 2))
   c.tensorboard = False
   return c
@@ -230,4 +230,4 @@ def test_bad_configs_fail_before_compute(tmp_path):
   with pytest.raises(ValueError, match="codes"):
     generator.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config argument"):
-    config_lib.load_config_file(os.path.join(ROOT, "configs", "bigr_l.py") + ":bitz=24")
+    typed_config.load_config_file(os.path.join(ROOT, "configs", "bigr_l.py") + ":bitz=24")

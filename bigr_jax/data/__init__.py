@@ -11,7 +11,6 @@ Typical use (a trainer):
 
 from bigr_jax.data.builder import build_source
 from bigr_jax.data.builder import build_transforms
-from bigr_jax.data.builder import DataConfig
 from bigr_jax.data.builder import SOURCE_NAMES
 from bigr_jax.data.codes import CodesSource
 from bigr_jax.data.codes import CodesWriter

@@ -1,43 +1,14 @@
 """Config-facing constructors: `config.data` -> source and transforms."""
 
-import dataclasses
 import os
 
-from bigr_jax import typed_config
+from bigr_jax.config_sections import DataConfig
 from bigr_jax.data import codes as codes_lib
 from bigr_jax.data import sources
 from bigr_jax.data import transforms as transforms_lib
 
 SOURCE_NAMES = ("digits", "mnist", "imagenet", "folder", "codes", "original_codes")
 CODE_SOURCES = ("codes", "original_codes")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """`config.data`: which records a run reads, and how (see `build_source` for each field)."""
-  name: str = "digits"
-  data_dir: str = ""
-  split: str = "train"
-  eval_split: str = "validation"  # tokenizer training: the held-out images of its reconstruction grids
-  image_size: int = 32
-  flip: bool = False
-  worker_count: int = 0  # grain worker processes (0: in the main process)
-  on_bad_image: str = "raise"
-  min_image_size: int = sources.MIN_IMAGE_SIZE
-  tfds_name: str = "imagenet2012"
-  code_bits: int = 0
-  code_grid: int = 16
-  allow_partial_codes: bool = False
-
-  def __post_init__(self):
-    if self.on_bad_image not in sources.ON_BAD_IMAGE_CHOICES:
-      raise ValueError(f"data.on_bad_image={self.on_bad_image!r}; expected one of {sources.ON_BAD_IMAGE_CHOICES}")
-    if self.min_image_size < 0 or self.worker_count < 0 or self.image_size < 1:
-      raise ValueError(f"data.min_image_size / worker_count must be >= 0 and image_size >= 1: {self}")
-
-  @classmethod
-  def from_config(cls, section, **overrides) -> "DataConfig":
-    return typed_config.from_section(cls, section, "config.data", **overrides)
 
 
 def _split_dir(data_config: DataConfig) -> str:

@@ -36,10 +36,10 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from bigr_jax.config_sections import MIN_IMAGE_SIZE, ON_BAD_IMAGE_CHOICES
+
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-ON_BAD_IMAGE_CHOICES = ("raise", "skip")
-MIN_IMAGE_SIZE = 16  # px on the shorter side; below it an image counts as bad (data.min_image_size)
 # A run of this many bad records in a row means the data, not a stray file, is broken.
 MAX_CONSECUTIVE_SKIPS = 64
 

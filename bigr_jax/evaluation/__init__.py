@@ -1,10 +1,9 @@
 """Evaluation: pooled BiGR features and linear probes; FID / sFID / IS / precision-recall with a Flax FID Inception.
 
 Entry points (`run.py`): `extract_features`, `probe_features`, `features_and_probe`, `evaluate_samples`, configured by
-`config.evaluation` (`EvaluationConfig` lists every field).
+`config.evaluation` (`config_sections.EvaluationConfig` lists every field).
 """
 
-from bigr_jax.evaluation.run import EvaluationConfig
 from bigr_jax.evaluation.run import evaluate_samples
 from bigr_jax.evaluation.run import evaluation_config
 from bigr_jax.evaluation.run import extract_features

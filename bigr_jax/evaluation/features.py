@@ -33,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigr_jax import files, parallel
+from bigr_jax.config_sections import CONDITIONS
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
 
 FORMAT_NAME = "bigr_jax_features"
 FORMAT_VERSION = 1
 PROGRESS_FILE = "progress.json"
-CONDITIONS = ("null", "label")
 
 
 def resolve_layers(layers: Sequence[int], n_layer: int) -> list[int]:

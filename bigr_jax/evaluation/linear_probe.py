@@ -39,46 +39,8 @@ import numpy as np
 import optax
 
 from bigr_jax import parallel
+from bigr_jax.config_sections import MeshConfig, ProbeConfig
 
-
-OPTIMIZERS = ("lars", "sgd", "lbfgs")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeConfig:
-  """Probe recipe (MAE linear-probe defaults)."""
-  epochs: int = 90
-  batch_size: int = 16384
-  base_lr: float = 0.1  # lr = base_lr * batch_size / 256
-  min_lr: float = 0.0
-  warmup_epochs: float = 10.0
-  weight_decay: float = 0.0
-  momentum: float = 0.9
-  trust_coefficient: float = 1e-3
-  optimizer: str = "lars"  # lars | sgd (momentum SGD, for comparison) | lbfgs (the convex fit; fields below)
-  bn_eps: float = 1e-6
-  bn_momentum: float = 0.1  # torch convention: new = (1 - m) * old + m * batch
-  init_std: float = 0.01
-  eval_batch_size: int = 16384
-  seed: int = 0
-  # lbfgs only: the L2 penalties (on the mean loss) to choose from, the held-out share of the training split
-  # that chooses, and when a fit stops.
-  l2_grid: tuple = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-  val_fraction: float = 0.2
-  max_iter: int = 5000
-  tol: float = 1e-5
-
-  def __post_init__(self):
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"probe optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-    if min(self.epochs, self.batch_size, self.eval_batch_size, self.max_iter) < 1:
-      raise ValueError(f"probe epochs / batch sizes / max_iter must be positive: {self}")
-    if not self.l2_grid or min(self.l2_grid) < 0 or not 0 < self.val_fraction < 1:
-      raise ValueError(f"probe l2_grid must be non-empty and >= 0, val_fraction in (0, 1): {self}")
-
-  @property
-  def lr(self) -> float:
-    return self.base_lr * self.batch_size / 256
 
 class FeatureNorm(nn.Module):
   """torch's BatchNorm1d(affine=False): batch statistics in training (running variance unbiased)."""
@@ -388,4 +350,4 @@ def layer_sweep(train_features: Mapping[int, np.ndarray], train_labels: np.ndarr
 
 
 def _single_axis_mesh_config():
-  return parallel.MeshConfig(data=-1, fsdp=1, tensor=1)
+  return MeshConfig(data=-1, fsdp=1, tensor=1)

@@ -38,10 +38,10 @@ import numpy as np
 from scipy import linalg
 
 from bigr_jax import parallel
+from bigr_jax.config_sections import PR_K
 from bigr_jax.evaluation import inception as inception_lib
 
 IS_SPLIT_SIZE = 5000
-PR_K = 3
 PR_BLOCK = 10000  # ADM's row / column batch sizes
 
 

@@ -11,7 +11,7 @@ All settings live in `config.evaluation`, the fields of `EvaluationConfig` (thei
   params              an orbax params checkpoint (`python -m bigr_jax.convert from-torch`); empty: the
                       latest training checkpoint in the workdir
   use_ema             take the EMA params of a training checkpoint
-  probe               linear-probe recipe, the fields of `linear_probe.ProbeConfig` (MAE's LARS by default;
+  probe               linear-probe recipe, the fields of `config_sections.ProbeConfig` (MAE's LARS by default;
                       optimizer="lbfgs" fits features that fit in memory to convergence)
   sample_batch        ADM-layout .npz of samples (empty: <workdir>/samples/fid.npz, which --mode=evaluate
                       generates first when it is missing)
@@ -28,7 +28,6 @@ The data of `--mode=features` is `config.data` with `split` replaced by each of 
 code source ("codes", "original_codes") or "synthetic" (the runlocal stand-in). The mesh is `config.mesh`.
 """
 
-import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -37,45 +36,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from bigr_jax import artifacts, data, files, parallel, typed_config
+from bigr_jax import artifacts, data, files, parallel
+from bigr_jax.config_sections import DataConfig, EvaluationConfig
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.evaluation import inception
 from bigr_jax.evaluation import linear_probe
 from bigr_jax.evaluation import metrics as metrics_lib
 from bigr_jax.models.config import GeneratorConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationConfig:
-  """`config.evaluation`: every field the entry points read (see the module docstring)."""
-  layers: tuple = ()
-  condition: str = "null"
-  batch_size: int = 256
-  splits: tuple = ("train", "validation")
-  features_dir: str = ""
-  batches_per_chunk: int = 50
-  params: str = ""
-  use_ema: bool = True
-  probe: linear_probe.ProbeConfig = linear_probe.ProbeConfig()
-  sample_batch: str = ""
-  reference_batch: str = ""
-  reference_stats: str = "recompute"
-  inception_weights: str = ""
-  num_samples: int = 0
-  pr_k: int = metrics_lib.PR_K
-  distance_dtype: str = "float32"
-
-  def __post_init__(self):
-    if self.condition not in features_lib.CONDITIONS:
-      raise ValueError(f"evaluation.condition={self.condition!r}; expected one of {features_lib.CONDITIONS}")
-    if self.reference_stats not in ("recompute", "file"):
-      raise ValueError(f"evaluation.reference_stats={self.reference_stats!r}; expected 'recompute' or 'file'")
-    if self.distance_dtype not in ("float32", "float16"):
-      raise ValueError(f"evaluation.distance_dtype={self.distance_dtype!r}; expected 'float32' or 'float16'")
-
-  @classmethod
-  def from_config(cls, section) -> "EvaluationConfig":
-    return typed_config.from_section(cls, section, "config.evaluation")
 
 
 def evaluation_config(config) -> EvaluationConfig:
@@ -105,7 +72,7 @@ def _code_source(config, split: str):
     # One pattern set (one seed) for both splits; the eval split reads the records after the train split's.
     codes = data.SyntheticCodes(model.seq_len, model.binary_size, model.num_classes, size=1024, seed=config.seed)
     return _Slice(codes, 0 if split == "train" else 512, 512)
-  data_config = data.DataConfig.from_config(config.data, split=split)
+  data_config = DataConfig.from_config(config.data, split=split)
   if data_config.name not in data.builder.CODE_SOURCES:
     raise ValueError(f"feature extraction reads bit codes: data.name={data_config.name!r} is an image source. "
                      "Extract codes first (--mode=encode with a tokenizer config), then set data.name='codes'.")

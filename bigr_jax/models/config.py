@@ -18,7 +18,7 @@ class GeneratorConfig:
   Field names follow the original `ModelArgs` so that a config string recorded from the original code
   can be read with `from_model_args`. The defaults are the released flags (use_adaLN, p_flip, focal 0,
   alpha -1, 256 diffusion steps in training). The sampler's settings (the original's `infer_steps` and
-  `sample_temperature`) live in `sampling.sampler.SamplerConfig`.
+  `sample_temperature`) live in `config_sections.SamplerConfig`.
   """
   dim: int = 1024
   n_layer: int = 24

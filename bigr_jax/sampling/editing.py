@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from bigr_jax.data.transforms import center_crop_arr
+from bigr_jax.config_sections import EditConfig
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling.sampler import SampleOutput, SamplerConfig, check_labels, complete, generate
 
@@ -27,6 +28,14 @@ ENRICH_CONFIG = SamplerConfig(num_iter=20, cfg_scale=1.0, gumbel_temp=0.0, mask_
 # Each `--mode=edit` task's settings, as its original app runs it (config.edit.sampler overrides them).
 TASK_SAMPLERS = {"inpaint": EDIT_CONFIG, "outpaint": EDIT_CONFIG, "edit": EDIT_CONFIG,
                  "interpolate": INTERPOLATE_CONFIG, "enrich": ENRICH_CONFIG}
+
+
+def task_sampler(edit: EditConfig) -> SamplerConfig:
+  """An edit task's sampler: the original app's settings (`TASK_SAMPLERS`), with the fields `edit.sampler` sets."""
+  overrides = {k: v for k, v in edit.sampler.items() if v is not None}
+  return TASK_SAMPLERS[edit.task].replace(**overrides)
+
+
 # apps/interpolate.py: weight of the first class; the second gets 1 - weight.
 INTERPOLATION_WEIGHTS = tuple([0.0, 0.1, 0.2] + np.linspace(0.3, 0.7, 21).tolist() + [0.8, 0.9, 1.0])
 

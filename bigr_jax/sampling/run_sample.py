@@ -3,36 +3,20 @@ converted) generator, as PNG grids and .npz, with the settings of `config.sample
 
 import dataclasses
 import functools
-import pathlib
 import shutil
 import time
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
 from bigr_jax import artifacts, files, images as images_lib, parallel, typed_config
+from bigr_jax.config_sections import EditConfig, SampleRun, SamplerConfig
 from bigr_jax.evaluation import metrics as metrics_lib, run as evaluation_run
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.sampling import editing, sampler
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleRun:
-  """What `--mode=sample` draws, besides the sampler's settings (both live in `config.sample`)."""
-  labels: tuple = (207, 360, 387, 974, 88, 979, 417, 279)
-  per_class: int = 0  # > 0: every class this many times, in class order (instead of `labels`)
-  batch_size: int = 8  # images per sampler call (0: all at once); rounded up to the mesh's batch shards
-  seed: int = 0
-  use_ema: bool = True  # a training workdir's EMA params (False: the raw params)
-
-  def class_labels(self, num_classes: int) -> np.ndarray:
-    if self.per_class > 0:
-      return np.repeat(np.arange(num_classes, dtype=np.int32), self.per_class)
-    return np.asarray(self.labels, np.int32)
 
 
 def sample_settings(sample_section) -> tuple:
@@ -40,73 +24,7 @@ def sample_settings(sample_section) -> tuple:
   if "resample_known" in sample_section:
     raise ValueError("config.sample.resample_known does nothing when every token is generated; it is an "
                      "editing setting: config.edit.sampler.resample_known")
-  return typed_config.split_section(sample_section, "config.sample", sampler.SamplerConfig, SampleRun)
-
-
-EDIT_TASKS = ("inpaint", "outpaint", "edit", "interpolate", "enrich")
-MASK_TASKS = ("inpaint", "outpaint", "edit")  # the tasks that read a mask, and can be cloned seamlessly
-
-
-@dataclasses.dataclass(frozen=True)
-class EditConfig:
-  """`config.edit`, for `--mode=edit`.
-
-  task: inpaint | outpaint | edit (class edit) | interpolate | enrich. image: the input picture (not for
-  interpolate); mask: a PNG, white = regenerate (outpaint: white = keep). sampler: overrides of the task's
-  sampler settings, which default to the original apps' (`editing.TASK_SAMPLERS`); unset fields are None.
-  seamless_clone: also blend each result into the input with OpenCV's Poisson cloning, as the original's
-  apps/inpaint.py does (`images.seamless_clone`): inpaint and edit clone the masked region of the result into
-  the input, outpaint the kept region of the input into the result (mask tasks only; the `app` extra).
-  clone_center: "box" (ours: the region lands where it was cut) or "mean" (the original's; see
-  `images.seamless_clone`).
-  """
-  task: str = "inpaint"
-  image: str = ""
-  mask: str = ""
-  target_class: int = 0
-  class_a: int = 0
-  class_b: int = 1
-  batch: int = 4
-  seed: int = 0
-  seamless_clone: bool = False
-  clone_center: str = "box"
-  sampler: dict = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    if self.task not in EDIT_TASKS:
-      raise ValueError(f"unknown edit.task {self.task!r}; expected one of {EDIT_TASKS}")
-    if self.clone_center not in images_lib.CLONE_CENTERS:
-      raise ValueError(f"unknown edit.clone_center {self.clone_center!r}; expected one of {images_lib.CLONE_CENTERS}")
-    if self.seamless_clone and self.task not in MASK_TASKS:
-      raise ValueError(f"edit.seamless_clone applies to the tasks {MASK_TASKS}, not {self.task!r}")
-    unknown = sorted(set(self.sampler) - set(typed_config.field_names(sampler.SamplerConfig)))
-    if unknown:
-      raise ValueError(f"unknown config.edit.sampler field(s) {unknown}; known: "
-                       f"{sorted(typed_config.field_names(sampler.SamplerConfig))}")
-
-  def check_inputs(self) -> None:
-    """The files the task reads are named and exist."""
-    if self.task != "interpolate" and not self.image:
-      raise ValueError(f"edit.task={self.task!r} needs --config.edit.image=<picture>")
-    if self.task in MASK_TASKS and not self.mask:
-      raise ValueError(f"edit.task={self.task!r} needs --config.edit.mask=<PNG, white = regenerate>")
-    for path in (self.image, self.mask):
-      if path and not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"no file {path} (config.edit)")
-
-  def sampler_config(self) -> "sampler.SamplerConfig":
-    """The task's original settings, with the fields this config sets."""
-    overrides = {k: v for k, v in self.sampler.items() if v is not None}
-    return editing.TASK_SAMPLERS[self.task].replace(**overrides)
-
-
-def edit_section() -> ml_collections.ConfigDict:
-  """`config.edit` as config files declare it: sampler fields are typed placeholders (None: the task's own)."""
-  section = typed_config.to_section(EditConfig())
-  section.sampler = ml_collections.ConfigDict(
-      {f.name: ml_collections.config_dict.placeholder(type(f.default))
-       for f in dataclasses.fields(sampler.SamplerConfig)})
-  return section
+  return typed_config.split_section(sample_section, "config.sample", SamplerConfig, SampleRun)
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,7 +46,7 @@ class Generated(NamedTuple):
   decoded_at: np.ndarray  # (B, N): the sampler iteration that decoded each token
 
 
-def generate_images(models: artifacts.SamplingModels, labels, config: sampler.SamplerConfig, seed: int,
+def generate_images(models: artifacts.SamplingModels, labels, config: SamplerConfig, seed: int,
                     mesh=None, batch_size: int = 0) -> Generated:
   """Images and bits for `labels`, in batches of `batch_size` (0: all at once), each padded to the mesh's
   batch shards."""
@@ -153,7 +71,7 @@ class Drawn(NamedTuple):
   decoded_at: np.ndarray  # (B, N)
   labels: np.ndarray
   models: artifacts.SamplingModels
-  sampler_config: sampler.SamplerConfig
+  sampler_config: SamplerConfig
   run: SampleRun
   seconds: float  # sampling and decoding, after loading
 
@@ -218,7 +136,7 @@ def edit_images(models: artifacts.SamplingModels, edit: EditConfig, mesh, image=
   file `edit.image`; mask: anything `editing.pixel_mask` reads (white = regenerate; outpaint: keep), default
   the file `edit.mask`. An empty mask is a ValueError."""
   gen_config, gen_params, tok_config = models.generator_config, models.generator_params, models.tokenizer_config
-  kwargs = dict(config=edit.sampler_config(), mesh=mesh, batch_axes=parallel.BATCH_AXES)
+  kwargs = dict(config=editing.task_sampler(edit), mesh=mesh, batch_axes=parallel.BATCH_AXES)
   key = jax.random.key(edit.seed)
   # Batches are padded to the mesh's batch shards; the padding is dropped below.
   if edit.task == "interpolate":

@@ -17,7 +17,6 @@ The model comes in as callbacks (`ModelFns`), as in maskgit's `parallel_decode`.
 """
 
 import contextlib
-import dataclasses
 import functools
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -27,82 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bigr_jax import parallel, typed_config
+from bigr_jax import parallel
+from bigr_jax.config_sections import SamplerConfig
 from bigr_jax.models.bigr import BiGR, forward_flops
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.models.transcoder import bernoulli_posterior, reverse_coefficients
 from bigr_jax.sampling import schedules
 
-ORDERINGS = ("confidence", "entropy", "random")
-TOKEN_SAMPLING = ("bernoulli", "threshold")
 # One key per purpose; each is folded with the iteration (and the diffusion step).
 NOISE_PURPOSES = {"init": 0, "diffusion": 1, "gumbel": 2, "tokens": 3, "order": 4}
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """Sampling hyper-parameters. Defaults: the release's `script/sample.sh` (cfg 3, 20 iterations, tau 0.01).
-
-  ordering: "confidence" (the original: mean |2p - 1| over bits), "entropy" (minus the mean binary
-    entropy of the bits) or "random" (a uniform order, ignoring the model: the baseline the others are measured
-    against). token_sampling: "bernoulli" (the original) or "threshold" (p > 0.5).
-  transcode_sizes: the still-masked tokens are transcoded in the smallest padded size, a multiple of
-    ceil(N / transcode_sizes), that holds them; 1 transcodes every token every iteration, as the original.
-  resample_known: when completing given tokens (inpainting, ...), the original's budget: counts for the
-    number of *known* tokens, so that once the masked ones run out, known (or decoded) tokens are re-sampled
-    (lowest index first among equals); leftovers get one final pass. False (ours): known tokens stay fixed.
-    No effect on class-conditional generation, where every token is masked.
-  """
-  num_iter: int = 20
-  cfg_scale: float = 3.0
-  cfg_schedule: str = "constant"
-  gumbel_temp: float = 0.01
-  gumbel_schedule: str = "constant"
-  mask_schedule: str = "cosine"
-  ordering: str = "confidence"
-  token_sampling: str = "bernoulli"
-  temperature: float = 1.0
-  infer_steps: int = 100
-  transcode_sizes: int = 8
-  resample_known: bool = False
-
-  def __post_init__(self):
-    if self.num_iter < 1:
-      raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
-    if self.infer_steps < 1:
-      raise ValueError(f"infer_steps must be >= 1, got {self.infer_steps}")
-    if self.transcode_sizes < 1:
-      raise ValueError(f"transcode_sizes must be >= 1, got {self.transcode_sizes}")
-    if self.temperature <= 0:
-      raise ValueError(f"temperature must be > 0, got {self.temperature}")
-    for name, value, allowed in (("ordering", self.ordering, ORDERINGS),
-                                 ("token_sampling", self.token_sampling, TOKEN_SAMPLING),
-                                 ("mask_schedule", self.mask_schedule, schedules.MASK_SCHEDULES),
-                                 ("cfg_schedule", self.cfg_schedule, schedules.CFG_SCHEDULES),
-                                 ("gumbel_schedule", self.gumbel_schedule, schedules.GUMBEL_SCHEDULES)):
-      if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-
-  @property
-  def guidance(self) -> bool:
-    """Whether the null half runs: with cfg <= 1 the original's CFG would be a no-op (or crash)."""
-    return self.cfg_scale > 1.0
-
-  def replace(self, **changes) -> "SamplerConfig":
-    return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_config(cls, section, where: str = "config.sample") -> "SamplerConfig":
-    return typed_config.from_section(cls, section, where)
-
-  def tables(self, max_tokens: int) -> dict:
-    """Host arrays indexed in the loops: counts per budget and iteration, CFG scale, Gumbel temperature."""
-    return {
-        "unmask": schedules.unmask_table(max_tokens, self.num_iter, self.mask_schedule),
-        "cfg": schedules.cfg_scales(self.cfg_scale, self.num_iter, self.cfg_schedule),
-        "gumbel": schedules.gumbel_temperatures(self.gumbel_temp, self.num_iter, self.gumbel_schedule),
-        "final_cfg": np.float32(self.cfg_scale),
-    }
 
 
 class ModelFns(NamedTuple):
@@ -292,7 +224,7 @@ def decode(fns: ModelFns, config: SamplerConfig, tables, rng, bits, masked, *,
     fns: the model's callbacks.
     config: options that shape the program (ordering, token sampling, temperature, steps, sizes, guidance,
       resample_known).
-    tables: `config.tables(N)` as arrays: "unmask" (N + 1, I), "cfg" (I,), "gumbel" (I,), "final_cfg" ().
+    tables: `schedules.tables(config, N)` as arrays: "unmask" (N + 1, I), "cfg" (I,), "gumbel" (I,), "final_cfg" ().
     rng: a key.
     bits: (B, N, K) known bits (anything where masked).
     masked: (B, N) True where a token is to be generated.
@@ -408,7 +340,7 @@ def complete(model_config: GeneratorConfig, params, labels, rng, bits, regenerat
   if np.shape(regenerate) != (batch, num_tokens):
     raise ValueError(f"the regenerate mask must have shape (B, N) = {(batch, num_tokens)}, "
                      f"got {np.shape(regenerate)}")
-  tables = {k: jnp.asarray(v) for k, v in config.tables(num_tokens).items()}
+  tables = {k: jnp.asarray(v) for k, v in schedules.tables(config, num_tokens).items()}
   batch_axes = tuple(batch_axes)
   sharding = _batch_sharding(mesh, batch_axes, batch)
   labels = jnp.asarray(labels, jnp.int32)
@@ -430,7 +362,7 @@ def lower_generate(model_config: GeneratorConfig, abstract_params, batch: int, c
   sharding, whole = _batch_sharding(mesh, batch_axes, batch), NamedSharding(mesh, PartitionSpec())
   shape = (batch, model_config.seq_len)
   tables = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=whole)
-            for k, v in config.tables(model_config.seq_len).items()}
+            for k, v in schedules.tables(config, model_config.seq_len).items()}
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=whole)
   static = _Static(_static_part(config), model_config, mesh, batch_axes)
   return _sample.lower(abstract_params, jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=sharding), None, key,

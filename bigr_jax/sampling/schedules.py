@@ -9,9 +9,8 @@ import math
 
 import numpy as np
 
-MASK_SCHEDULES = ("cosine", "linear")
-CFG_SCHEDULES = ("constant", "linear")
-GUMBEL_SCHEDULES = ("constant", "down", "up")
+from bigr_jax.config_sections import CFG_SCHEDULES, GUMBEL_SCHEDULES, MASK_SCHEDULES
+
 
 
 def _ratios(num_iter: int):
@@ -64,3 +63,14 @@ def gumbel_temperatures(gumbel_temp: float, num_iter: int, schedule: str = "cons
     return np.full((num_iter,), gumbel_temp, np.float32)
   scale = [1.0 - r for r in _ratios(num_iter)] if schedule == "down" else _ratios(num_iter)
   return np.asarray([gumbel_temp * s for s in scale], np.float32)
+
+
+def tables(config, max_tokens: int) -> dict:
+  """A `SamplerConfig`'s host arrays, indexed in the sampler's loops: counts per budget and iteration, CFG scale,
+  Gumbel temperature."""
+  return {
+      "unmask": unmask_table(max_tokens, config.num_iter, config.mask_schedule),
+      "cfg": cfg_scales(config.cfg_scale, config.num_iter, config.cfg_schedule),
+      "gumbel": gumbel_temperatures(config.gumbel_temp, config.num_iter, config.gumbel_schedule),
+      "final_cfg": np.float32(config.cfg_scale),
+  }

@@ -11,8 +11,6 @@ second, compiled, run on this machine. Writes <workdir>/sweep/:
 and prints the best setting (lowest FD) at or above `sweep.min_images_per_s`.
 """
 
-import dataclasses
-import itertools
 import json
 import time
 from typing import Callable
@@ -21,27 +19,10 @@ from matplotlib.figure import Figure  # drawn to a file, without pyplot's global
 import numpy as np
 
 from bigr_jax import artifacts, files, parallel, typed_config
+from bigr_jax.config_sections import SweepConfig
 from bigr_jax.sampling import run_sample
 
 SWEEP_DIR = "sweep"
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-  """`config.sweep`. grid: {sample field: values}; every combination is one setting (the other fields stay as
-  `config.sample` has them). per_class: images of each class per setting. min_images_per_s: the speed budget of
-  the best-setting line (0: none)."""
-  grid: dict = dataclasses.field(default_factory=dict)
-  per_class: int = 10
-  min_images_per_s: float = 0.0
-
-  def settings(self) -> list[dict]:
-    if not self.grid:
-      raise ValueError("config.sweep.grid is empty: give sample fields and their values, e.g. "
-                       "--config.sweep.grid.num_iter='(4, 8, 16)'")
-    names = list(self.grid)
-    values = [v if isinstance(v, (tuple, list)) else (v,) for v in self.grid.values()]
-    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
 
 
 def setting_name(setting: dict) -> str:

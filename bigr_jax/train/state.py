@@ -1,7 +1,6 @@
 """Train state (params, EMA, optimizer), the optimizer as the original builds it, and the EMA update."""
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax
@@ -10,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bigr_jax import parallel, typed_config
+from bigr_jax import parallel
+from bigr_jax.config_sections import OptimConfig
 
 
 @flax.struct.dataclass
@@ -19,52 +19,6 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
-
-
-SCHEDULES = ("constant", "cosine", "step")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """`config.optim` (and a tokenizer's `config.disc_optim`). Defaults: the original generator's AdamW.
-
-  schedule: "constant" (the original generator), "cosine" (to min_lr_ratio * lr at the last step), or
-  "step" (x decay_factor at step decay_step, as Binary Latent Diffusion trains the B-AE); any of them
-  after `warmup_steps` of linear warmup. grad_clip: global-norm clipping (0: none). warmup_decayed: the warmup
-  reaches every tensor (ours); False is the original generator's `train_ddp.py`, whose warmup rewrites the lr of
-  its first parameter group only, the undecayed one, so decayed tensors train at the full rate from step 0 (no
-  release used a warmup).
-  """
-  name: str = "adamw"
-  lr: float = 1e-4
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 2e-2
-  grad_clip: float = 1.0
-  schedule: str = "constant"
-  warmup_steps: int = 0
-  min_lr_ratio: float = 0.0
-  decay_step: int = 0
-  decay_factor: float = 0.1
-  grad_accum_steps: int = 1
-  warmup_decayed: bool = True
-
-  def __post_init__(self):
-    if self.name not in ("adamw", "adam"):
-      raise ValueError(f"unknown optimizer {self.name!r}: use 'adamw' or 'adam'")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"unknown lr schedule {self.schedule!r}; expected one of {SCHEDULES}")
-    if self.schedule == "step" and self.decay_step < 1:
-      raise ValueError("schedule='step' needs decay_step >= 1")
-    if not (math.isfinite(self.lr) and self.lr > 0):
-      raise ValueError(f"optimizer lr={self.lr} must be a finite positive number")
-    if self.grad_accum_steps < 1 or self.warmup_steps < 0 or self.grad_clip < 0:
-      raise ValueError(f"grad_accum_steps must be >= 1, warmup_steps and grad_clip >= 0: {self}")
-
-  @classmethod
-  def from_config(cls, section, where: str = "config.optim") -> "OptimConfig":
-    return typed_config.from_section(cls, section, where)
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:

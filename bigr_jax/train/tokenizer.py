@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigr_jax import artifacts, data, images as images_lib, parallel
+from bigr_jax import artifacts, config_sections, data, images as images_lib, parallel
 from bigr_jax.convert import tokenizer_weights
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.models.discriminator import Discriminator, hinge_d_loss
@@ -58,7 +58,7 @@ class TokenizerTrainer:
       raise ValueError("LPIPS needs weights: set lpips.vgg_path and lpips.lin_path (or loss.perceptual_weight=0)")
     self.optimizer = state_lib.make_optimizer(config.optim, total_steps)
     self.disc_optimizer = state_lib.make_optimizer(
-        state_lib.OptimConfig.from_config(config.disc_optim, "config.disc_optim"), total_steps)
+        config_sections.OptimConfig.from_config(config.disc_optim, "config.disc_optim"), total_steps)
     self.kernel_path = None
     rules = parallel.rules_from_config(config)
     self.init, self.shardings, self.abstract_state = state_lib.sharded_init(self._init_boxed, mesh, rules)
@@ -161,7 +161,7 @@ def _psnr(images, recon):
 
 
 def image_feed(config):
-  data_config = data.DataConfig.from_config(config.data)
+  data_config = config_sections.DataConfig.from_config(config.data)
   source = data.build_source(data_config)
   loader = data.make_loader(source, global_batch_size=config.batch_size, seed=config.seed, shuffle=True,
                             num_epochs=None, transforms=data.build_transforms(data_config),
@@ -173,7 +173,7 @@ def image_feed(config):
 
 def held_out_images(config, count: int = 8) -> np.ndarray:
   """The first `count` images of `data.eval_split`, center-cropped, unflipped: the same on every process."""
-  data_config = data.DataConfig.from_config(config.data, split=config.data.eval_split, flip=False)
+  data_config = config_sections.DataConfig.from_config(config.data, split=config.data.eval_split, flip=False)
   source = data.build_source(data_config)
   records = [source[i] for i in range(min(count, len(source)))]
   for transform in data.build_transforms(data_config):  # deterministic without the flip
@@ -233,7 +233,7 @@ def encode_dataset(config, workdir: str, overwrite: bool = False):
 
 def write_codes(config, workdir: str, if_complete: str = "keep"):
   """`encode_dataset` with the choice of `data.encode_to_codes`' `if_complete` (the demo keeps finished codes)."""
-  data_config = data.DataConfig.from_config(config.data)
+  data_config = config_sections.DataConfig.from_config(config.data)
   source = data.build_source(data_config)
   out = pathlib.Path(workdir) / "codes" / (data_config.split or "train")
   if if_complete == "refuse":  # before the weights are read
