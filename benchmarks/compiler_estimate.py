@@ -23,13 +23,15 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bigr_jax import aot, chips, config_sections, parallel
-from bigr_jax.config_lib import load_config_file
+from bigr_jax import chips, config_sections, parallel
+from bigr_jax.compile import report
+from bigr_jax.families import generator
+from bigr_jax.typed_config import load_config_file
 from bigr_jax.models.attention import ATTENTION
 
 
 def estimate(compiled) -> dict:
-  cost = aot.cost_analysis(compiled)
+  cost = report.cost_analysis(compiled)
   seconds = float(cost["optimal_seconds"])
   return dict(optimal_seconds=seconds, fraction_above_whole_seconds=seconds - math.floor(seconds),
               flops=float(cost.get("flops", 0.0)))
@@ -61,7 +63,7 @@ def main():
   mesh = parallel.make_mesh(config.mesh, devices)
   runs = [(n, False) for n in blocks] + ([(blocks[-1], True)] if blocks else [])
   for n, scan in runs:
-    lower = aot.generator_train_step(aot.with_model(config, n_layer=n, scan_layers=scan), mesh,
+    lower = generator.generator_train_step(generator.with_model(config, n_layer=n, scan_layers=scan), mesh,
                                      args.per_chip * len(devices))
     name = f"{n} blocks {'scanned' if scan else 'unrolled'}"
     results["train_step"][name] = estimate(lower().compile())

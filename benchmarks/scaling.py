@@ -21,7 +21,8 @@ import time
 
 import jax
 
-from bigr_jax import demo, evaluation, typed_config
+from bigr_jax import evaluation, typed_config
+from bigr_jax.families import demo
 from bigr_jax.sampling import run_sample
 from bigr_jax.train import generator
 

@@ -33,8 +33,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from bigr_jax import aot, parallel
-from bigr_jax.config_lib import load_config_file
+from bigr_jax import parallel
+from bigr_jax.compile import report
+from bigr_jax.typed_config import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
 from bigr_jax.train.generator import GeneratorTrainer
@@ -93,7 +94,7 @@ def analytic_terms(cfg: GeneratorConfig) -> dict:
 
 
 def flops_of(compiled) -> float:
-  return float(aot.cost_analysis(compiled)["flops"])
+  return float(report.cost_analysis(compiled)["flops"])
 
 
 def compiled_flops(cfg: GeneratorConfig, batch: int) -> tuple:

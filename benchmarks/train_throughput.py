@@ -20,7 +20,7 @@ import time
 import jax
 
 from bigr_jax import parallel
-from bigr_jax.config_lib import load_config_file
+from bigr_jax.typed_config import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.train.generator import GeneratorTrainer
 from bigr_jax import trees

@@ -26,7 +26,7 @@ from absl import app as absl_app, flags, logging as absl_logging
 from ml_collections import config_flags
 from PIL import Image
 
-from bigr_jax import artifacts, config_sections, demo, images as images_lib, parallel, typed_config
+from bigr_jax import artifacts, config_sections, families, images as images_lib, parallel, typed_config
 from bigr_jax.data.transforms import center_crop_arr
 from bigr_jax.sampling import editing, run_sample
 
@@ -90,16 +90,16 @@ class Session:
   size reuse one compiled sampler."""
 
   def __init__(self, config, workdir):
-    if config.get("family", None) == "demo":
-      gen, gen_workdir = demo.generator_stage(config, workdir)
-      self._held_out = demo.dataset_split(config, "test")
-    else:
-      gen, gen_workdir, self._held_out = config, workdir, None
+    family = families.family_of(config)
+    if family.generator_stage is None:
+      raise ValueError(f"the web app samples with a generator: this is a {family.name} config; give a generator or "
+                       "demo config")
+    gen, gen_workdir, self._held_out = family.generator_stage(config, workdir)
     self.sampler_config, self.run = run_sample.sample_settings(gen.sample)
     self.edit = typed_config.from_section(config_sections.EditConfig, gen.edit, "config.edit")
     self.mesh = parallel.make_mesh(gen.mesh)
     models = artifacts.sampling_models(gen, gen_workdir, use_ema=self.run.use_ema)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    replicated = parallel.replicated(self.mesh)
     self.models = models._replace(generator_params=jax.device_put(models.generator_params, replicated),
                                   tokenizer_params=jax.device_put(models.tokenizer_params, replicated))
     self.num_classes = self.models.generator_config.num_classes

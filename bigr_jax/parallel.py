@@ -94,8 +94,13 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1, axes: Sequence[str] = BATCH_AXES, batch: int = 0) -> NamedSharding:
+  """An ndim-array split along its first (batch) dimension over the mesh `axes`; a `batch` they do not divide is
+  an error naming both."""
+  shards = int(np.prod([mesh.shape[a] for a in axes]))
+  if batch % shards:
+    raise ValueError(f"batch {batch} is not divisible by the {shards} devices of mesh axes {tuple(axes)}")
+  return NamedSharding(mesh, P(tuple(axes), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

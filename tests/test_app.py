@@ -24,7 +24,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bigr_jax import app, artifacts, demo, images as images_lib, typed_config
+from bigr_jax import app, artifacts, images as images_lib, typed_config
+from bigr_jax.families import demo
 from bigr_jax.sampling import run_sample
 from conftest import user_env, write_released_generator, write_released_tokenizer
 

@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import aot, chips, config_sections, parallel, typed_config
+from bigr_jax import chips, config_sections, parallel, typed_config
+from bigr_jax.compile import hlo, report
+from bigr_jax.families import generator as generator_family, tokenizer as tokenizer_family
 from bigr_jax.train import generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +94,7 @@ def test_the_b_ae_batch_spans_the_16_and_32_chip_slices_through_its_chips_argume
   shipped = typed_config.load_config_file(os.path.join(ROOT, "configs/bae_d24.py"))
   with pytest.raises(ValueError, match=r"batch_size=24 does not split over the 32 batch shards of 32 chips .*"
                                        r"\(the B-AE configs' `:chips=32`\)"):
-    aot.compile_family(shipped, "tokenizer", config_sections.CompileConfig(topology="v5e:4x8"))  # refused before compiling
+    tokenizer_family.compile_report(shipped, config_sections.CompileConfig(topology="v5e:4x8"))  # refused before compiling
   for name in ("bae_d24", "bae_d32", "bae_d32_512"):
     for topology in ("v5e:4x8", "v4:2x2x4", "v5p:2x2x4", "v6e:4x4"):  # 32 chips, then 16 of each
       devices = chips.target_devices(config_sections.CompileConfig(topology=topology))
@@ -113,8 +115,8 @@ def test_argument_bytes_are_the_sharded_state_and_batch():
   config.mesh.update(data=2, fsdp=4, tensor=1)
   devices = chips.target_devices(config_sections.CompileConfig())
   mesh = parallel.make_mesh(config.mesh, devices)
-  train = dataclasses.replace(aot.generator_programs(config, mesh)[0], per_block=None)  # its memory alone
-  result = aot.analyse(train, devices)
+  train = dataclasses.replace(generator_family.programs(config, mesh)[0], per_block=None)  # its memory alone
+  result = report.analyse(train, devices)
   trainer = generator.GeneratorTrainer(config, mesh, total_steps=1000)
 
   def per_device(leaf):
@@ -129,7 +131,7 @@ def test_argument_bytes_are_the_sharded_state_and_batch():
 
 
 def test_collectives_are_read_from_the_compiled_hlo_with_the_bytes_each_chip_sends():
-  hlo = "\n".join([
+  text = "\n".join([
       # TPU form: the group is the mesh axes named after device_ids (axis_0, of size 2).
       "%all-gather.1 = bf16[1,64,256]{2,1,0:T(8,128)(2,1)} all-gather(%p), channel_id=1, "
       "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_0'}, dimensions={1}",
@@ -140,7 +142,7 @@ def test_collectives_are_read_from_the_compiled_hlo_with_the_bytes_each_chip_sen
       "%all-gather-start.4 = (f32[8]{0}, f32[32]{0}) all-gather-start(%h), replica_groups={{0,1,2,3}}",
       "%add.5 = f32[8]{0} add(%x, %y)",
   ])
-  found = aot.collectives(hlo, num_devices=4)
+  found = hlo.collectives(text, num_devices=4)
   assert found["all-gather"] == {"count": 2, "bytes": 1 * 64 * 256 * 2 / 2 + 32 * 4 * 3 / 4}
   assert found["all-reduce"] == {"count": 1, "bytes": 2 * (2 * 64 * 4) * 3 / 4}
   assert found["reduce-scatter"] == {"count": 1, "bytes": 8 * 4 * 3}
@@ -150,6 +152,6 @@ def test_collectives_are_read_from_the_compiled_hlo_with_the_bytes_each_chip_sen
 def test_a_tokenizer_that_does_not_fit_is_told_to_remat_its_blocks():
   config = typed_config.load_config_file(os.path.join(ROOT, "configs", "bae_d32_512.py"))
   mesh = parallel.make_mesh(config.mesh)
-  assert aot.suggestions(config, "tokenizer", mesh)[0].startswith("--config.model.remat=True")
+  assert tokenizer_family.fit_suggestions(config, mesh)[0].startswith("--config.model.remat=True")
   config.model.remat = True
-  assert not any("remat" in s for s in aot.suggestions(config, "tokenizer", mesh))
+  assert not any("remat" in s for s in tokenizer_family.fit_suggestions(config, mesh))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigr_jax import chips, config_sections, main, parallel, typed_config
+from bigr_jax import chips, config_sections, families, main, parallel, typed_config
 from bigr_jax.convert import generator_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig, from_model_args
 from bigr_jax.sampling import editing, run_sample, sampler, schedules
@@ -43,7 +43,7 @@ def _sections(config):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_declare_a_family_and_build_every_section(name):
   config = parse(config=f"configs/{name}.py")
-  assert config.family in main.MODES[config.mode].entries
+  assert config.mode in families.FAMILIES[config.family].modes
   stages = (config.tokenizer, config.generator) if config.family == "demo" else (config,)
   for stage in stages:
     assert len(_sections(stage)) >= 5
@@ -119,7 +119,7 @@ def test_unknown_keys_are_errors_that_name_them():
 ])
 def test_nonsense_shape_fields_are_named_before_any_work(flag, message):
   with pytest.raises(ValueError, match=message):
-    main.check_models(parse(flag))
+    families.check_models(parse(flag))
 
 
 BAD_COMMAND_LINES = {  # flags -> the one line that refuses them
@@ -127,7 +127,7 @@ BAD_COMMAND_LINES = {  # flags -> the one line that refuses them
     ("--config=configs/does_not_exist.py",): "error: no config file configs/does_not_exist.py",
     ("--config.optim.lr=abc",): "error: flag --config.optim.lr=abc: could not convert string to float: 'abc'",
     ("--workdir=",): "error: --workdir is empty: name the run's directory (created if missing)",
-    ("--mode=sampel",): "error: unknown mode 'sampel'; modes: " + ", ".join(main.MODES),
+    ("--mode=sampel",): "error: unknown mode 'sampel'; modes: " + ", ".join(families.MODE_NAMES),
     ("--config.optim.lr=nan",): "error: optimizer lr=nan must be a finite positive number",
     ("--config.checkpoint_every=0",): "error: checkpoint_every=0 must be at least 1",
     ("--config.total_steps=-3",): "error: total_steps=-3 must be a non-negative number",
@@ -248,11 +248,11 @@ def test_wrong_family_and_mode_pairs_are_refused_before_any_work():
   generator_config, tokenizer_config = parse(), parse(config="configs/bae_d24.py:runlocal")
   with pytest.raises(ValueError, match="--mode=sample needs a config of family generator or demo; this config "
                                        "is a tokenizer config, which runs the modes train, encode"):
-    main.entry_point(tokenizer_config, "sample")
+    families.entry_point(tokenizer_config, "sample")
   with pytest.raises(ValueError, match="--mode=encode needs a config of family tokenizer"):
-    main.entry_point(generator_config, "encode")
+    families.entry_point(generator_config, "encode")
   with pytest.raises(ValueError, match="unknown mode 'sampel'"):
-    main.entry_point(generator_config, "sampel")
+    families.entry_point(generator_config, "sampel")
   # From the command line: one line, exit status 1, nothing written.
   result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bae_d24.py:runlocal",
                            "--workdir=/nonexistent/workdir", "--mode=sample"], cwd=ROOT, capture_output=True,
@@ -267,11 +267,11 @@ def test_overwrite_is_refused_where_it_means_nothing_and_guards_a_finished_evalu
   with pytest.raises(ValueError, match="--overwrite means nothing to --mode=sample on a generator config; it "
                                        r"applies to the modes \(families\) encode \(tokenizer, demo\), evaluate "
                                        r"\(generator\)"):
-    main.entry_point(generator_config, "sample", overwrite=True)
+    families.entry_point(generator_config, "sample", overwrite=True)
   finished = tmp_path / "evaluation.json"
   finished.write_text('{"fid": 3.1}')
   with pytest.raises(FileExistsError, match="evaluation.json exists.*--overwrite"):  # before any sample is drawn
-    main.run(generator_config, str(tmp_path), "evaluate")
+    main.run_entry(families.entry_point(generator_config, "evaluate"), generator_config, str(tmp_path))
   assert finished.read_text() == '{"fid": 3.1}' and not (tmp_path / "samples").exists()
 
 

@@ -10,7 +10,7 @@ import shlex
 import pytest
 from absl import flags
 
-from bigr_jax import app, main, typed_config
+from bigr_jax import app, families, main, typed_config
 from bigr_jax.convert import __main__ as convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def parse(program: str, argv: list) -> None:
   """Raises if `argv` is not a valid command line of `program` (flags, config file, config keys, mode)."""
   if program == "bigr_jax.main":
     values = _absl(main.define_flags, argv)
-    main.entry_point(values.config, values.mode or values.config.mode, values.overwrite)
-    main.check_models(values.config)
+    families.entry_point(values.config, values.mode or values.config.mode, values.overwrite)
+    families.check_models(values.config)
   elif program == "bigr_jax.app":
     _absl(app.define_flags, argv)
   elif program == "bigr_jax.convert":

@@ -5,7 +5,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from bigr_jax import config_sections, data, demo, typed_config
+from bigr_jax import config_sections, data, typed_config
+from bigr_jax.families import demo
 from bigr_jax.evaluation import quality
 from bigr_jax.sampling import sweep
 

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from bigr_jax import aot, data, parallel, typed_config
+from bigr_jax import data, parallel, typed_config
+from bigr_jax.compile import report
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.train import checkpoints, generator, metrics as metrics_lib
@@ -89,7 +90,7 @@ def test_gradients_agree_under_every_remat_policy(scan_layers):
     loss = lambda p: model.apply({"params": p}, batch["bits"], batch["label"], draws, rngs=rngs,  # noqa: E731,B023
                                  method=bigr.BiGR.loss)[0]
     compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-    flops[policy] = aot.cost_analysis(compiled)["flops"]
+    flops[policy] = report.cost_analysis(compiled)["flops"]
     grads[policy] = compiled(params)
   for policy in ("dots", "dots_saveable", "full"):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

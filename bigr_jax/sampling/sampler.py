@@ -24,7 +24,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from bigr_jax import parallel
 from bigr_jax.config_sections import SamplerConfig
@@ -277,7 +277,7 @@ def _sample(params, labels, label_weights, rng, bits, masked, tables, static: _S
   constrain = lambda x: x
   mesh_context = contextlib.nullcontext()
   if static.mesh is not None:
-    sharding = NamedSharding(static.mesh, PartitionSpec(static.batch_axes))
+    sharding = parallel.batch_sharding(static.mesh, 1, static.batch_axes)
     constrain = lambda x: jax.lax.with_sharding_constraint(x, sharding)
     # The model sees the mesh and where the batch lies (splash attention runs per shard by them).
     mesh_context = parallel.tracing_on(static.mesh, (("batch", static.batch_axes),))
@@ -314,15 +314,6 @@ def check_labels(model_config: GeneratorConfig, labels, label_weights=None):
                      f"{model_config.null_class} is the null class)")
 
 
-def _batch_sharding(mesh, batch_axes, batch):
-  if mesh is None:
-    return None
-  devices = int(np.prod([mesh.shape[a] for a in batch_axes]))
-  if batch % devices:
-    raise ValueError(f"batch {batch} is not divisible by the {devices} devices of mesh axes {batch_axes}")
-  return NamedSharding(mesh, PartitionSpec(batch_axes))
-
-
 def complete(model_config: GeneratorConfig, params, labels, rng, bits, regenerate,
              config: SamplerConfig = SamplerConfig(), *, label_weights=None,
              mesh: Optional[Mesh] = None, batch_axes: Sequence[str] = ("data",)) -> SampleOutput:
@@ -342,7 +333,7 @@ def complete(model_config: GeneratorConfig, params, labels, rng, bits, regenerat
                      f"got {np.shape(regenerate)}")
   tables = {k: jnp.asarray(v) for k, v in schedules.tables(config, num_tokens).items()}
   batch_axes = tuple(batch_axes)
-  sharding = _batch_sharding(mesh, batch_axes, batch)
+  sharding = parallel.batch_sharding(mesh, 1, batch_axes, batch) if mesh is not None else None
   labels = jnp.asarray(labels, jnp.int32)
   bits = jnp.asarray(bits, jnp.float32)
   regenerate = jnp.asarray(regenerate, bool)
@@ -359,7 +350,7 @@ def lower_generate(model_config: GeneratorConfig, abstract_params, batch: int, c
   """`generate`'s program for `batch` labels, lowered from shapes alone (ShapeDtypeStructs: nothing is
   allocated, the mesh may be a TPU topology's): for `--mode=compile`."""
   batch_axes = tuple(batch_axes)
-  sharding, whole = _batch_sharding(mesh, batch_axes, batch), NamedSharding(mesh, PartitionSpec())
+  sharding, whole = parallel.batch_sharding(mesh, 1, batch_axes, batch), parallel.replicated(mesh)
   shape = (batch, model_config.seq_len)
   tables = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=whole)
             for k, v in schedules.tables(config, model_config.seq_len).items()}

@@ -14,8 +14,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from bigr_jax import aot, artifacts, data, evaluation, files, images as images_lib
+from bigr_jax import artifacts, data, evaluation, files, images as images_lib
 from bigr_jax.evaluation import quality
+from bigr_jax.families import generator as generator_family, tokenizer as tokenizer_family
+from bigr_jax.families.base import Family, Mode
 from bigr_jax.sampling import run_sample, sweep as sweep_lib
 from bigr_jax.train import generator, tokenizer
 
@@ -74,8 +76,8 @@ def compile_programs(config, workdir) -> dict:
   """`--mode=compile` on the demo: its tokenizer's and its generator's programs, each for its own
   `compile` section (`--config.tokenizer.compile.topology`, `--config.generator.compile.topology`)."""
   gen, gen_workdir = generator_stage(config, workdir)
-  return {"tokenizer": aot.run(config.tokenizer, pathlib.Path(workdir) / "tokenizer", "tokenizer"),
-          "generator": aot.run(gen, gen_workdir, "generator")}
+  return {"tokenizer": tokenizer_family.compile_mode(config.tokenizer, pathlib.Path(workdir) / "tokenizer"),
+          "generator": generator_family.compile_mode(gen, gen_workdir)}
 
 
 def dataset_split(config, split: str):
@@ -170,7 +172,7 @@ def _edit_inputs(config, workdir: pathlib.Path) -> None:
   Image.fromarray(mask).save(workdir / EDIT_MASK)
 
 
-def run(config, workdir) -> dict:
+def run_stages(config, workdir) -> dict:
   """Every stage; a rerun resumes each (trainings from their checkpoints, codes where they stopped)."""
   workdir = pathlib.Path(workdir)
   start = time.perf_counter()
@@ -204,3 +206,34 @@ def run(config, workdir) -> dict:
   print(f"{summary['total_s'] / 60:.1f} min in all; next: --mode=sample, edit, features or evaluate on this "
         "workdir", flush=True)
   return summary
+
+
+def check(config) -> None:
+  """Each stage's check (`families.tokenizer.check`, `families.generator.check`), before any work."""
+  tokenizer_family.check(config.tokenizer)
+  generator_family.check(config.generator)
+
+
+def _app_stage(config, workdir):
+  return (*generator_stage(config, workdir), dataset_split(config, "test"))
+
+
+FAMILY = Family(
+    name="demo",
+    modes={
+        "train": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict", run_stages),
+        "encode": Mode("codes of tokenizer.data.split with the workdir's B-AE", encode, overwrite=True),
+        "sample": Mode(generator_family.FAMILY.modes["sample"].help, on_generator(run_sample.sample_to_workdir)),
+        "edit": Mode(generator_family.FAMILY.modes["edit"].help, on_generator(run_sample.edit_to_workdir)),
+        "features": Mode("the generator's pooled features at every block, probed beside raw pixels and the B-AE's "
+                         "codes", features),
+        "evaluate": Mode("the digit classifier's verdict on samples of every class, beside the B-AE ceiling and the "
+                         "real floor (redrawn and rewritten each time)", evaluate),
+        "sweep": Mode("the sampler's speed / quality frontier over generator.sweep.grid: table, plot, best setting "
+                      "within a speed budget", sweep),
+        "demo": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict", run_stages),
+        "compile": Mode("the tokenizer's and the generator's programs, each for its own compile section",
+                        compile_programs),
+    },
+    check=check,
+    generator_stage=_app_stage)

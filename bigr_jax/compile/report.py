@@ -1,12 +1,15 @@
 """`--mode=compile`: every program a run would execute, compiled ahead of time for its chips; nothing allocated.
 
+Each family hands its programs (`Program`: a name, what lowers it, its batch and analytic FLOPs) to
+`compile_programs`; nothing here builds a model, a trainer or a sampler.
+
 The run's own config decides the programs and their shapes (mesh, batch, remat, dtype, image and code sizes);
 `config.compile` (`config_sections.CompileConfig`) the chips: a TPU topology by name, compiled on any host with libtpu
 (a CPU host included: the TPU compiler and its memory planner run here), or this host's devices.
 
-Programs: the family's train step; for a generator also the sampler at `config.sample` (its `batch_size`, or
-one image per class) and the feature extractor at `config.evaluation` (layers, condition, batch_size). Per
-program and per chip the report gives:
+Programs (`bigr_jax.families`): the family's train step; for a generator also the sampler at `config.sample` (its
+`batch_size`, or one image per class) and the feature extractor at `config.evaluation` (layers, condition,
+batch_size). Per program and per chip the report gives:
 - HBM: arguments, outputs, temporaries, aliased bytes and their peak (arguments + outputs - aliased +
   temporaries), against the chip's HBM;
 - FLOPs: the compiled program's, and the analytic count. The compiler counts a loop body once, so for a
@@ -28,78 +31,26 @@ HBM ends the run with `DoesNotFit`, naming what would make it fit.
 
 import dataclasses
 import json
-import math
 import pathlib
-import re
 import time
 from typing import Callable, Optional
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from bigr_jax import chips, config_sections, files, parallel
-from bigr_jax.evaluation import features as features_lib, run as evaluation_run
-from bigr_jax.models import bigr
-from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
-from bigr_jax.models.lpips import LPIPS
-from bigr_jax.sampling import run_sample, sampler
-from bigr_jax.train import generator, tokenizer
+from bigr_jax import chips, files, parallel
+from bigr_jax.compile import hlo
+from bigr_jax.config_sections import CompileConfig
 
 GiB = 2.0 ** 30
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\((.*)$")
-_SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "bf16": 2}
-PALLAS_TPU_CALL = "tpu_custom_call"  # a Pallas (Mosaic) kernel in TPU HLO; the compiler counts no FLOPs inside
 
 
 class DoesNotFit(RuntimeError):
   """A compiled program needs more HBM than its chip has."""
 
 
-def _shape_bytes(dtype: str, dims: str) -> int:
-  size = _BYTES.get(dtype) or max(1, int(dtype[1:]) // 8)
-  return size * math.prod(int(d) for d in dims.split(",") if d)
-
-
-def _group_size(attributes: str, num_devices: int) -> int:
-  """Devices in each replica group: from the mesh form (`mesh['axis_0'=2,...] ... {'axis_0'}`) or the list
-  form (`{{0,1},{2,3}}`)."""
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", attributes)
-  if mesh:
-    sizes = dict((name, int(size)) for name, size in re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
-    chosen = re.search(r"\{('[^}]*)\}", attributes[mesh.end():])  # the group's axes: {'axis_0'}
-    axes = re.findall(r"'(\w+)'", chosen.group(1)) if chosen else list(sizes)
-    return math.prod(sizes.get(a, 1) for a in axes) or 1
-  groups = re.search(r"replica_groups=\{\{([\d,]*)\}", attributes)
-  if groups:
-    return len([g for g in groups.group(1).split(",") if g])
-  return num_devices
-
-
-def collectives(hlo_text: str, num_devices: int) -> dict:
-  """{kind: {count, bytes}}: the collectives of a compiled HLO module (a loop body once) and the bytes each
-  chip sends for them."""
-  out = {}
-  for line in hlo_text.splitlines():
-    match = _OP.search(line)
-    if not match:
-      continue
-    result_type, kind, started, attributes = match.groups()
-    shapes = _SHAPE.findall(result_type)
-    if started and len(shapes) > 1:  # an async start returns (operands, results): the results
-      shapes = shapes[len(shapes) // 2:]
-    result = sum(_shape_bytes(*s) for s in shapes)
-    g = _group_size(attributes, num_devices)
-    sent = {"all-gather": result * (g - 1) / g, "reduce-scatter": result * (g - 1),
-            "all-reduce": 2 * result * (g - 1) / g, "all-to-all": result * (g - 1) / g,
-            "collective-permute": result}[kind]
-    entry = out.setdefault(kind, {"count": 0, "bytes": 0.0})
-    entry["count"] += 1
-    entry["bytes"] += sent
-  return out
+def abstract_key() -> jax.ShapeDtypeStruct:
+  """A PRNG key's shape, for lowering a program that takes one."""
+  return jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
 
 def cost_analysis(compiled) -> dict:
@@ -119,7 +70,7 @@ class Figures:
   def of(cls, compiled, num_devices: int) -> "Figures":
     cost = cost_analysis(compiled)
     return cls(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-               collectives(compiled.as_text(), num_devices))
+               hlo.collectives(compiled.as_text(), num_devices))
 
   def extrapolated(self, two: "Figures", blocks: int) -> "Figures":
     """From this program at 1 block and `two` at 2 blocks: the figures at `blocks` blocks."""
@@ -172,7 +123,7 @@ def analyse(program: Program, devices: list) -> dict:
                 compiler_error=str(e).strip().splitlines()[0][:500], compile_s=round(time.perf_counter() - start, 1))
   compile_s = time.perf_counter() - start
   memory = _memory(compiled)
-  kernels = compiled.as_text().count(f'custom_call_target="{PALLAS_TPU_CALL}"')
+  kernels = hlo.pallas_kernels(compiled.as_text())
   figures = Figures.of(compiled, len(devices))
   if program.per_block is not None:
     one, two, blocks = program.per_block
@@ -192,103 +143,9 @@ def analyse(program: Program, devices: list) -> dict:
       bounds=_bounds(figures, flops, chip))
 
 
-# --- the programs of each family ---------------------------------------------------------------------------
-
-
-def _key():
-  return jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-
-
-def with_model(config, **model_changes):
-  """A copy of the config with `model` fields changed (e.g. the depth the per-block figures compile at)."""
-  variant = config.copy_and_resolve_references()
-  variant.model.update(model_changes)
-  return variant
-
-
-def generator_train_step(config, mesh, batch: int) -> Callable[[], "jax.stages.Lowered"]:
-  """What lowers the generator's train step of `config` at a global `batch` on `mesh` (abstract: nothing allocated)."""
-  trainer = generator.GeneratorTrainer(config, mesh, total_steps=max(1, int(config.total_steps or 1000)))
-  return lambda: trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), _key())
-
-
-def _param_shapes(model: GeneratorConfig, sharding_of) -> dict:
-  """The generator's params as ShapeDtypeStructs, each with `sharding_of(path, shape)`."""
-  shapes = nn.meta.unbox(bigr.param_shapes(model))
-  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                                sharding_of(shapes))
-
-
-def generator_programs(config, mesh) -> list:
-  model = GeneratorConfig.from_config(config.model)
-  n = mesh.devices.size
-  batch = config.batch_size
-
-  per_block = None
-  if model.scan_layers and model.n_layer > 1:  # the scanned stack's FLOPs, bytes and collectives, by trip count
-    per_block = (generator_train_step(with_model(config, n_layer=1, scan_layers=False), mesh, batch),
-                 generator_train_step(with_model(config, n_layer=2, scan_layers=False), mesh, batch), model.n_layer)
-  programs = [Program("train_step", generator_train_step(config, mesh, batch), batch,
-                      bigr.train_flops_per_image(model) * batch / n, per_block)]
-
-  # Sampling as --mode=sample runs it: checkpoint params (float32) on every chip, the batch split.
-  sampler_config, run = run_sample.sample_settings(config.sample)
-  sample_batch = parallel.round_up_to_shards(run.batch_size or model.num_classes, mesh)
-  replicated = lambda shapes: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), shapes)
-  sample_params = _param_shapes(model, replicated)
-  programs.append(Program(
-      "sample", lambda: sampler.lower_generate(model, sample_params, sample_batch, sampler_config, mesh,
-                                               parallel.BATCH_AXES),
-      sample_batch, sampler.flops_per_image(model, sampler_config) * sample_batch / n, loop_bodies_once=True))
-
-  # Features as --mode=features extracts them: the model cut after the deepest probed block.
-  ev = evaluation_run.evaluation_config(config)
-  layers = features_lib.resolve_layers(tuple(ev.layers), model.n_layer)
-  truncated = model.replace(n_layer=max(layers) + 1)
-  feature_batch = parallel.round_up_to_shards(ev.batch_size, mesh)
-  bits = jax.ShapeDtypeStruct((feature_batch, model.seq_len, model.binary_size), jnp.float32,
-                              sharding=parallel.batch_sharding(mesh, 3))
-  labels = jax.ShapeDtypeStruct((feature_batch,), jnp.int32, sharding=parallel.batch_sharding(mesh, 1))
-
-  def features(variant, variant_layers):
-    pooled, shardings = features_lib.pooled_program(variant, variant_layers, mesh, ev.condition)
-    return lambda: pooled.lower(_param_shapes(variant, lambda _: shardings), bits, labels)
-
-  per_block = None
-  if truncated.scan_layers and truncated.n_layer > 1:
-    per_block = (features(truncated.replace(n_layer=1, scan_layers=False), [0]),
-                 features(truncated.replace(n_layer=2, scan_layers=False), [1]), truncated.n_layer)
-  f = bigr.forward_flops(truncated)
-  programs.append(Program("features", features(truncated, layers), feature_batch,
-                          (f.embed + truncated.n_layer * f.block) * feature_batch / n, per_block))
-  return programs
-
-
-def tokenizer_programs(config, mesh) -> list:
-  """The B-AE's train step (encoder, decoder, PatchGAN, LPIPS: no loops, so the compiled FLOPs are whole)."""
-  model = TokenizerConfig.from_config(config.model)
-  lpips = None
-  if config.loss.perceptual_weight > 0:  # its shapes matter, not its values: no weights file is read
-    lpips = jax.eval_shape(lambda: LPIPS().init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                                                jnp.zeros((1, 64, 64, 3))))["params"]
-    lpips = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), lpips)
-  trainer = tokenizer.TokenizerTrainer(config, mesh, max(1, int(config.total_steps or 1000)), lpips)
-  batch = config.batch_size
-  images = {"image": jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, model.n_channels), jnp.float32,
-                                          sharding=parallel.batch_sharding(mesh, 4))}
-  return [Program("train_step", lambda: trainer.train_step.lower(trainer.abstract_state, images, _key()), batch)]
-
-
-PROGRAMS = {"generator": generator_programs, "tokenizer": tokenizer_programs}
-
-
-def suggestions(config, family: str, mesh) -> list:
-  """What would make a program fit, from the config's own settings."""
+def fit_suggestions(config, mesh) -> list:
+  """What would make any family's program fit, from the config's own settings (a family puts its own first)."""
   out = []
-  if family == "generator" and config.model.remat_policy != "full":
-    out.append(f"--config.model.remat_policy=full (now {config.model.remat_policy!r}): recompute activations")
-  if family == "tokenizer" and not config.model.remat:
-    out.append("--config.model.remat=True: recompute each residual and attention block's activations")
   shards = parallel.batch_shards(mesh)
   if config.batch_size // shards > 1 and (config.batch_size // 2) % shards == 0:
     out.append(f"--config.batch_size={config.batch_size // 2} --config.optim.grad_accum_steps="
@@ -301,21 +158,24 @@ def suggestions(config, family: str, mesh) -> list:
   return out
 
 
-def compile_family(config, family: str, compile_config: config_sections.CompileConfig) -> dict:
+def compile_programs(config, compile_config: CompileConfig, family: str,
+                     programs: Callable[..., list], suggestions: Callable[..., list], batch_hint: str = "") -> dict:
+  """Compiles `programs(config, mesh)` for `compile_config`'s chips; `suggestions(config, mesh)` says what would
+  make a misfit fit, `batch_hint` what makes the batch split. The report, as a dict."""
   devices = chips.target_devices(compile_config)
   mesh = parallel.make_mesh(config.mesh, devices)
   shards = parallel.batch_shards(mesh)
   if config.batch_size % shards:  # before any compile: no program of this run could be built
     raise ValueError(f"batch_size={config.batch_size} does not split over the {shards} batch shards of "
                      f"{len(devices)} chips (mesh {dict(mesh.shape)}): use a multiple of {shards}"
-                     + (f" (the B-AE configs' `:chips={shards}`)" if family == "tokenizer" else "")
+                     + (f" ({batch_hint.format(shards=shards)})" if batch_hint else "")
                      + ", or a slice whose batch shards divide it")
   chip = chips.chip_of(devices[0])
-  results = [analyse(program, devices) for program in PROGRAMS[family](config, mesh)]
+  results = [analyse(program, devices) for program in programs(config, mesh)]
   return dict(family=family, topology=compile_config.topology or "local", num_slices=compile_config.num_slices,
               device_kind=devices[0].device_kind, chip=chip.name if chip else None, chips=len(devices),
               mesh=dict(mesh.shape), programs=results,
-              suggestions=[] if all(r["fits"] for r in results) else suggestions(config, family, mesh))
+              suggestions=[] if all(r["fits"] for r in results) else suggestions(config, mesh))
 
 
 def table(report: dict) -> str:
@@ -340,11 +200,9 @@ def table(report: dict) -> str:
   return "\n".join(rows)
 
 
-def run(config, workdir, family: Optional[str] = None) -> dict:
-  """`--mode=compile` for a generator or tokenizer config: prints the table and the JSON line, writes
-  <workdir>/compile.json, and raises DoesNotFit if a program needs more HBM than its chips have."""
-  family = family or config.family
-  report = compile_family(config, family, config_sections.CompileConfig.from_config(config.compile))
+def publish(report: dict, workdir) -> dict:
+  """Prints the table and the JSON line, writes <workdir>/compile.json, and raises DoesNotFit if a program needs
+  more HBM than its chips have."""
   print(table(report), flush=True)
   print(json.dumps(report), flush=True)
   if jax.process_index() == 0:

@@ -1,0 +1,56 @@
+"""The model families and their modes: `FAMILIES[config.family].modes[mode].entry(config, workdir)` is what
+`python -m bigr_jax.main --mode=<mode>` runs. Each family declares, in its own module, its modes, the check of
+its config before any work, its programs for `--mode=compile`, and what the web app samples with:
+
+- `tokenizer`: the B-AE (configs/bae_*.py);
+- `generator`: BiGR on B-AE codes (configs/bigr_*.py);
+- `demo`: both on a small digits set, end to end (configs/demo.py, configs/mnist.py).
+"""
+
+import functools
+from typing import Callable
+
+from bigr_jax.families import demo, generator, tokenizer
+from bigr_jax.families.base import Family
+
+FAMILIES = {family.name: family for family in (tokenizer.FAMILY, generator.FAMILY, demo.FAMILY)}
+MODE_NAMES = tuple(dict.fromkeys(mode for family in FAMILIES.values() for mode in family.modes))
+
+
+def family_of(config) -> Family:
+  name = config.get("family", None)
+  if name not in FAMILIES:
+    raise ValueError(f"the config's family is {name!r}; families: {', '.join(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def _having(mode: str, overwrite: bool = False) -> list:
+  return [name for name, family in FAMILIES.items()
+          if mode in family.modes and (family.modes[mode].overwrite or not overwrite)]
+
+
+def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
+  """The function that runs `mode` for this config, as entry(config, workdir); a mode the config's family
+  lacks, or --overwrite where it means nothing, is an error before any work starts."""
+  if mode not in MODE_NAMES:
+    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODE_NAMES)}")
+  family = family_of(config)
+  if mode not in family.modes:
+    raise ValueError(f"--mode={mode} needs a config of family {' or '.join(_having(mode))}; this config is a "
+                     f"{family.name} config, which runs the modes {', '.join(family.modes)}")
+  chosen = family.modes[mode]
+  if chosen.overwrite:
+    return functools.partial(chosen.entry, overwrite=overwrite)
+  if overwrite:
+    where = [f"{name} ({', '.join(_having(name, overwrite=True))})" for name in MODE_NAMES
+             if _having(name, overwrite=True)]
+    raise ValueError(f"--overwrite means nothing to --mode={mode} on a {family.name} config; it applies to the modes "
+                     f"(families) {', '.join(where)}")
+  return chosen.entry
+
+
+def check_models(config) -> None:
+  """The family's check of its config before any work: a nonsense shape field (dim, heads, layers, bits, grid),
+  count or learning rate is a message naming it rather than an error deep inside a run, and a released file named
+  `hf://...` for a model it does not fit is refused before anything is downloaded."""
+  family_of(config).check(config)
