@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from bigr_jax import hub, typed_config
-from bigr_jax.convert import generator_weights, io, params_io, tokenizer_weights
+from bigr_jax.weights import generator_weights, io, params_io, tokenizer_weights
 from bigr_jax.models import bigr, tokenizer as tokenizer_lib
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 

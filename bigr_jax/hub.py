@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Union
 import huggingface_hub
 from huggingface_hub import errors as hub_errors
 
-from bigr_jax.convert import generator_weights, tokenizer_weights
+from bigr_jax.weights import generator_weights, tokenizer_weights
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig
 
 PREFIX = "hf://"

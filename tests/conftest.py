@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from bigr_jax import typed_config  # noqa: E402
-from bigr_jax.convert import generator_weights, io as convert_io, tokenizer_weights  # noqa: E402
+from bigr_jax.weights import generator_weights, io as convert_io, tokenizer_weights  # noqa: E402
 from bigr_jax.models import bigr, tokenizer  # noqa: E402
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig  # noqa: E402
 

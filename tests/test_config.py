@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bigr_jax import chips, config_sections, families, main, parallel, typed_config
-from bigr_jax.convert import generator_weights
+from bigr_jax.weights import generator_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig, from_model_args
 from bigr_jax.sampling import editing, run_sample, sampler, schedules
 

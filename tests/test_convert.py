@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bigr_jax import artifacts, trees, typed_config
-from bigr_jax.convert import __main__ as convert_cli
-from bigr_jax.convert import generator_weights, io, tokenizer_weights
+from bigr_jax import convert as convert_cli
+from bigr_jax.weights import generator_weights, io, tokenizer_weights
 from bigr_jax.models import bigr, tokenizer as tokenizer_lib
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig, from_model_args
 from bigr_jax.models.discriminator import Discriminator

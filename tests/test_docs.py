@@ -11,7 +11,7 @@ import pytest
 from absl import flags
 
 from bigr_jax import app, families, main, typed_config
-from bigr_jax.convert import __main__ as convert
+from bigr_jax import convert
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "launch" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -546,7 +546,7 @@ def test_entry_points_extract_and_probe(tmp_path, tiny_params):
   with pytest.raises(FileNotFoundError, match="evaluation.params"):
     run_lib.extract_features(config, str(tmp_path / "empty"))
   # evaluation.params: a converted params checkpoint.
-  from bigr_jax.convert import params_io
+  from bigr_jax.weights import params_io
   params_io.save_params(tiny_params, tmp_path / "params")
   config.evaluation.params = str(tmp_path / "params")
   loaded = run_lib.load_generator_params(config, str(tmp_path / "empty"), TINY)

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 from bigr_jax import config_lib
-from bigr_jax.convert import generator_weights, params_io
+from bigr_jax.weights import generator_weights, params_io
 from bigr_jax.models import tokenizer
 from bigr_jax.models.config import from_model_args
 from bigr_jax.sampling import run_sample

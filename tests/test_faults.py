@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax.convert import params_io
+from bigr_jax.weights import params_io
 from bigr_jax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigr_jax.convert import generator_weights
+from bigr_jax.weights import generator_weights
 from bigr_jax.models import bigr, config as config_lib, transcoder
 from bigr_jax.sampling import schedules
 

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from bigr_jax import config_sections
-from bigr_jax.convert import generator_weights
+from bigr_jax.weights import generator_weights
 from bigr_jax.models import bigr, config as config_lib, transcoder
 from bigr_jax.sampling import sampler, schedules
 

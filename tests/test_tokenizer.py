@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bigr_jax.convert import io, tokenizer_weights as tw
+from bigr_jax.weights import io, tokenizer_weights as tw
 from bigr_jax.models import tokenizer
 from bigr_jax.models.discriminator import Discriminator
 from bigr_jax.models.lpips import LPIPS, VGG16_CONVS

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bigr_jax import config_lib, parallel, typed_config
-from bigr_jax.convert import generator_weights
+from bigr_jax.weights import generator_weights
 from bigr_jax.models import bigr, config as model_config_lib
 from bigr_jax.train import generator, state as state_lib
 

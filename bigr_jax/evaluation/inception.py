@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigr_jax.convert import io as convert_io
+from bigr_jax.weights import io as convert_io
 
 IMAGE_SIZE = 299
 NUM_CLASSES = 1008

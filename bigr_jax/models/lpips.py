@@ -3,7 +3,7 @@
 VGG16 `features` (convs named `features_i` after torchvision's indices, so pretrained weights map by
 name), channel-unit-normalized activations at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, squared
 differences weighted by the 1x1 linear heads `lin0..lin4`, spatially averaged and summed. Weights come
-from files: see `bigr_jax.convert.tokenizer_weights.lpips_torch_to_flax`. Inputs are NHWC.
+from files: see `bigr_jax.weights.tokenizer_weights.lpips_torch_to_flax`. Inputs are NHWC.
 """
 
 import flax.linen as nn

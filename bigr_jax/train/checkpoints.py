@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bigr_jax import files
-from bigr_jax.convert import params_io
+from bigr_jax.weights import params_io
 
 
 class Checkpointer:

@@ -8,7 +8,7 @@ import ml_collections
 import optax
 
 from bigr_jax import artifacts, parallel
-from bigr_jax.convert import generator_weights
+from bigr_jax.weights import generator_weights
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.train import data_feed, loop, state as state_lib

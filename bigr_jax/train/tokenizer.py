@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from bigr_jax import artifacts, config_sections, data, images as images_lib, parallel
-from bigr_jax.convert import tokenizer_weights
+from bigr_jax.weights import tokenizer_weights
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.models.discriminator import Discriminator, hinge_d_loss
 from bigr_jax.models.config import TokenizerConfig

@@ -45,7 +45,7 @@ import pathlib
 import sys
 
 from bigr_jax import artifacts, hub, typed_config
-from bigr_jax.convert import generator_weights, io, params_io, tokenizer_weights
+from bigr_jax.weights import generator_weights, io, params_io, tokenizer_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig
 
 FAMILIES = ("generator", "tokenizer")

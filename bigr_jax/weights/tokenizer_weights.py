@@ -14,7 +14,7 @@ from flax import traverse_util
 import flax.linen as nn
 import numpy as np
 
-from bigr_jax.convert.io import read_state_dict
+from bigr_jax.weights.io import read_state_dict
 from bigr_jax.models.discriminator import discriminator_layout
 from bigr_jax.models.lpips import LPIPS_CHANNELS, VGG16_CONVS
 from bigr_jax.models.tokenizer import TokenizerConfig, decoder_layout, encoder_layout
