@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/evaluation.py [--batch=8] [--repeats=3] [--image_size=256] [--models=small,L]
 
 The Inception runs on uint8 images of `image_size` (resized to 299 inside, as for ADM batches) through
-`metrics.InceptionRunner`; features run `features.FeatureExtractor.host_batch` (host batch in, pooled
+`adm_metrics.InceptionRunner`; features run `features.FeatureExtractor.host_batch` (host batch in, pooled
 features out) for the middle block of each model: `small` is the `runlocal` size, `L` is BiGR-L (24 x 1024,
 256 tokens, truncated to blocks 0..12). Weights are random (drawn with numpy: speed does not depend on them);
 float32; times exclude compilation, reported separately. All devices form one data-parallel mesh.
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from bigr_jax import parallel
-from bigr_jax.evaluation import features, inception, metrics
+from bigr_jax.evaluation import features, inception, adm_metrics
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
 
@@ -58,7 +58,7 @@ def _time(fn, repeats: int):
 
 
 def bench_inception(mesh, batch: int, image_size: int, repeats: int) -> dict:
-  runner = metrics.InceptionRunner(_random_params(inception.param_shapes()), mesh, batch)
+  runner = adm_metrics.InceptionRunner(_random_params(inception.param_shapes()), mesh, batch)
   images = np.random.default_rng(0).integers(0, 256, (runner.batch_size, image_size, image_size, 3), np.uint8)
   first, best = _time(lambda: runner(images), repeats)
   return {"image_size": image_size, "batch": runner.batch_size, "images_per_s": round(runner.batch_size / best, 3),

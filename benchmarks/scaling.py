@@ -23,8 +23,8 @@ import jax
 
 from bigr_jax import evaluation, typed_config
 from bigr_jax.families import demo
-from bigr_jax.sampling import run_sample
-from bigr_jax.train import generator
+from bigr_jax.sampling import drawing
+from bigr_jax.train import generator_trainer
 
 HEAD_DIM = 32
 
@@ -48,10 +48,10 @@ def scale(config, workdir: pathlib.Path, dim: int, seed: int, steps: int):
 def measure(config, workdir: pathlib.Path, report, dim: int, seed: int, steps: int) -> dict:
   gen, run_dir = scale(config, workdir, dim, seed, steps)
   start = time.perf_counter()
-  state = generator.train_and_evaluate(gen, str(run_dir))
+  state = generator_trainer.train_and_evaluate(gen, str(run_dir))
   train_s = time.perf_counter() - start
   params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  drawn = run_sample.draw_samples(gen, str(run_dir))
+  drawn = drawing.draw_samples(gen, str(run_dir))
   samples = report.samples(drawn.images, drawn.labels)
   probe = evaluation.features_and_probe(gen, str(run_dir))
   return {"dim": dim, "seed": seed, "params": params, "steps": int(gen.total_steps), "train_s": round(train_s, 1),
@@ -82,7 +82,7 @@ def main():
   if bad:
     raise SystemExit(f"--dims {bad}: each width must be a multiple of {HEAD_DIM} (the head size)")
   report = demo.quality_report(config, workdir)
-  labels = run_sample.sample_settings(config.generator.sample)[1].class_labels(config.generator.model.num_classes)
+  labels = drawing.sample_settings(config.generator.sample)[1].class_labels(config.generator.model.num_classes)
   rows = []
   for seed in (int(s) for s in args.seeds.split(",")):
     for dim in dims:

@@ -38,7 +38,7 @@ from bigr_jax.compile import report
 from bigr_jax.typed_config import load_config_file
 from bigr_jax.models import bigr
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig
-from bigr_jax.train.generator import GeneratorTrainer
+from bigr_jax.train.generator_trainer import GeneratorTrainer
 from bigr_jax import trees
 import original_code  # benchmarks/original_code.py (scripts run from their folder)
 

@@ -22,7 +22,7 @@ import jax
 from bigr_jax import parallel
 from bigr_jax.typed_config import load_config_file
 from bigr_jax.models import bigr
-from bigr_jax.train.generator import GeneratorTrainer
+from bigr_jax.train.generator_trainer import GeneratorTrainer
 from bigr_jax import trees
 from train_step import random_batch  # benchmarks/train_step.py (scripts run from their folder)
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from bigr_jax import artifacts, config_sections, families, images as images_lib, parallel, typed_config
 from bigr_jax.data.transforms import center_crop_arr
-from bigr_jax.sampling import editing, run_sample
+from bigr_jax.sampling import editing, drawing
 
 FLAGS = flags.FLAGS
 
@@ -95,7 +95,7 @@ class Session:
       raise ValueError(f"the web app samples with a generator: this is a {family.name} config; give a generator or "
                        "demo config")
     gen, gen_workdir, self._held_out = family.generator_stage(config, workdir)
-    self.sampler_config, self.run = run_sample.sample_settings(gen.sample)
+    self.sampler_config, self.run = drawing.sample_settings(gen.sample)
     self.edit = typed_config.from_section(config_sections.EditConfig, gen.edit, "config.edit")
     self.mesh = parallel.make_mesh(gen.mesh)
     models = artifacts.sampling_models(gen, gen_workdir, use_ema=self.run.use_ema)
@@ -200,7 +200,7 @@ class Session:
 
     def work():
       padded = np.pad(labels, (0, -len(labels) % self.batch), mode="edge")
-      out = run_sample.generate_images(self.models, padded, config, seed, self.mesh, self.batch)
+      out = drawing.generate_images(self.models, padded, config, seed, self.mesh, self.batch)
       images, decoded_at = out.images[:len(labels)], out.decoded_at[:len(labels)]
       grid = images_lib.make_grid(enlarge(images), nrow=per_class if len(set(labels)) > 1 else 8)
       strip = images_lib.decoding_strip(enlarge(images[:8]) / 255.0, decoded_at[:8], config.num_iter)
@@ -222,7 +222,7 @@ class Session:
         self.sampler_settings(defaults, num_iter, cfg_scale, gumbel_temp))})
 
     def work():
-      edited = run_sample.edit_images(self.models, edit, self.mesh, image=image, mask=mask)
+      edited = drawing.edit_images(self.models, edit, self.mesh, image=image, mask=mask)
       shown = EDIT_RESULTS
       results = images_lib.make_grid(enlarge(np.concatenate([image[None], edited.images[:shown]])), nrow=shown + 1)
       cloned = None
@@ -242,7 +242,7 @@ class Session:
         self.sampler_settings(editing.INTERPOLATE_CONFIG, num_iter, cfg_scale, gumbel_temp))})
 
     def work():
-      edited = run_sample.edit_images(self.models, edit, self.mesh)
+      edited = drawing.edit_images(self.models, edit, self.mesh)
       return images_lib.make_grid(enlarge(edited.images[::-1]), nrow=9), f"{len(edited.images)} steps"
 
     return self._timed(work)

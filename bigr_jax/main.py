@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from bigr_jax import families, files, parallel, typed_config, workdir_lock
 from bigr_jax.compile import report
-from bigr_jax.train import checkpoints, metrics
+from bigr_jax.train import checkpoints, metric_writer
 
 FLAGS = flags.FLAGS
 
@@ -70,7 +70,7 @@ def main(argv):
   except checkpoints.Preempted as e:
     print(e, flush=True)
     raise SystemExit(143)  # 128 + SIGTERM: the run did not finish
-  except (checkpoints.SaveFailed, checkpoints.ConfigChanged, workdir_lock.WorkdirInUse, metrics.WriteFailed,
+  except (checkpoints.SaveFailed, checkpoints.ConfigChanged, workdir_lock.WorkdirInUse, metric_writer.WriteFailed,
           files.UnusableFile, FileExistsError, FileNotFoundError, report.DoesNotFit) as e:
     _exit_after_noise(f"error: {e}", 1)  # the message names the file and the cause: no traceback
 

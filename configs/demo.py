@@ -3,7 +3,7 @@
 Trains a tiny B-AE on the digits (16 px, 4x4 tokens of 16 bits), extracts the codes of the training and the
 held-out digits, trains a tiny BiGR generator on them, samples every class and scores the samples with a
 classifier trained on real digits. Everything lands in the workdir: tokenizer/, generator/, samples.png,
-samples.npz, demo.json. Then every other mode runs on that workdir (see bigr_jax/demo.py):
+samples.npz, demo.json. Then every other mode runs on that workdir (see bigr_jax/families/demo.py):
   python -m bigr_jax.main --config=configs/demo.py --workdir=workdir/demo --mode=sample|edit|features|evaluate
 The tokenizer's settings are `--config.tokenizer.*`, the generator's (and its sampler's, `generator.sample.*`)
 `--config.generator.*`.

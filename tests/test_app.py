@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from bigr_jax import app, artifacts, images as images_lib, typed_config
 from bigr_jax.families import demo
-from bigr_jax.sampling import run_sample
+from bigr_jax.sampling import drawing
 from conftest import user_env, write_released_generator, write_released_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -128,8 +128,8 @@ def _reconstruction_error(workdir, digit: np.ndarray, rows: slice) -> float:
   """The B-AE's own error on the digit (encode, decode), in the given rows: what an edit may change there."""
   gen, gen_workdir = demo.generator_stage(typed_config.load_config_file("configs/demo.py:quick"), workdir)
   models = artifacts.sampling_models(gen, gen_workdir)
-  bits = run_sample.encode_image(models, digit, 1, jax.random.key(0))
-  decoded = run_sample.decode_bits(models.tokenizer_config, models.tokenizer_params, bits)[0]
+  bits = drawing.encode_image(models, digit, 1, jax.random.key(0))
+  decoded = drawing.decode_bits(models.tokenizer_config, models.tokenizer_params, bits)[0]
   return float(np.abs(decoded - digit)[rows].mean())
 
 

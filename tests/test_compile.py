@@ -14,7 +14,7 @@ import pytest
 from bigr_jax import chips, config_sections, parallel, typed_config
 from bigr_jax.compile import hlo, report
 from bigr_jax.families import generator as generator_family, tokenizer as tokenizer_family
-from bigr_jax.train import generator
+from bigr_jax.train import generator_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATOR, TOKENIZER = "configs/bigr_l.py:runlocal", "configs/bae_d24.py:runlocal"
@@ -117,7 +117,7 @@ def test_argument_bytes_are_the_sharded_state_and_batch():
   mesh = parallel.make_mesh(config.mesh, devices)
   train = dataclasses.replace(generator_family.programs(config, mesh)[0], per_block=None)  # its memory alone
   result = report.analyse(train, devices)
-  trainer = generator.GeneratorTrainer(config, mesh, total_steps=1000)
+  trainer = generator_trainer.GeneratorTrainer(config, mesh, total_steps=1000)
 
   def per_device(leaf):
     return math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize

@@ -16,7 +16,7 @@ import pytest
 from bigr_jax import chips, config_sections, families, main, parallel, typed_config
 from bigr_jax.weights import generator_weights
 from bigr_jax.models.config import GeneratorConfig, TokenizerConfig, from_model_args
-from bigr_jax.sampling import editing, run_sample, sampler, schedules
+from bigr_jax.sampling import editing, drawing, sampler, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("bigr_l", "bigr_xl", "bigr_xxl", "bigr_l_512", "bae_d24", "bae_d32", "bae_d32_512", "demo", "mnist")
@@ -32,7 +32,7 @@ def _sections(config):
   out = [config_sections.MeshConfig.from_config(config.mesh), config_sections.DataConfig.from_config(config.data),
          config_sections.OptimConfig.from_config(config.optim)]
   if config.family == "generator":
-    out += [GeneratorConfig.from_config(config.model), *run_sample.sample_settings(config.sample),
+    out += [GeneratorConfig.from_config(config.model), *drawing.sample_settings(config.sample),
             typed_config.from_section(config_sections.EditConfig, config.edit, "config.edit"),
             config_sections.EvaluationConfig.from_config(config.evaluation)]
   else:
@@ -92,7 +92,7 @@ def test_unknown_keys_are_errors_that_name_them():
   with config.sample.unlocked():  # a typo in a config file
     config.sample.num_itr = 3
   with pytest.raises(ValueError, match=r"unknown config.sample field\(s\) \['num_itr'\]; known: .*'num_iter'"):
-    run_sample.sample_settings(config.sample)
+    drawing.sample_settings(config.sample)
   for cls, section, where in ((GeneratorConfig, {"dimm": 8}, "generator config.model"),
                               (TokenizerConfig, {"nff": 8}, "tokenizer config.model"),
                               (config_sections.DataConfig, {"nmae": "codes"}, "config.data"),
@@ -103,7 +103,7 @@ def test_unknown_keys_are_errors_that_name_them():
     with pytest.raises(ValueError, match=rf"unknown {where} field\(s\) \['{key}'\]; known: \["):
       cls.from_config(section)
   with pytest.raises(ValueError, match="resample_known.*config.edit.sampler.resample_known"):
-    run_sample.sample_settings({"resample_known": True})
+    drawing.sample_settings({"resample_known": True})
   with pytest.raises(ValueError, match=r"unknown config.edit.sampler field\(s\) \['numiter'\]"):
     config_sections.EditConfig(sampler={"numiter": 3})
 
@@ -200,8 +200,8 @@ def test_every_sampler_field_arrives_from_the_command_line_and_changes_the_sampl
     base = ["--config.sample.num_iter=4", "--config.sample.infer_steps=3",
             f"--config.sample.gumbel_temp={1.0 if field == 'gumbel_schedule' else 0.0}",
             f"--config.sample.cfg_scale={30.0 if field == 'cfg_schedule' else 2.5}"]
-    default, _ = run_sample.sample_settings(parse(*base).sample)
-    changed, _ = run_sample.sample_settings(parse(*base, f"--config.sample.{field}={value}").sample)
+    default, _ = drawing.sample_settings(parse(*base).sample)
+    changed, _ = drawing.sample_settings(parse(*base, f"--config.sample.{field}={value}").sample)
     assert getattr(changed, field) == type(getattr(default, field))(value), field
     assert dataclasses.replace(changed, **{field: getattr(default, field)}) == default, field  # only that field
     if field == "transcode_sizes":
@@ -226,7 +226,7 @@ def test_infer_steps_and_transcode_sizes_shape_the_lowered_program(tiny_model):
   texts = {}
   for name, argv in (("default", []), ("steps", ["--config.sample.infer_steps=7"]),
                      ("all_tokens", ["--config.sample.transcode_sizes=1"])):
-    config, _ = run_sample.sample_settings(parse(*argv).sample)
+    config, _ = drawing.sample_settings(parse(*argv).sample)
     texts[name] = _lowered_text(model_config, params, config)
   # The reverse-diffusion coefficients are one row per step: 100 by default, 7 when set.
   assert "tensor<100xf32>" in texts["default"] and "tensor<100xf32>" not in texts["steps"]

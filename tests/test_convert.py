@@ -9,13 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import artifacts, trees, typed_config
+from bigr_jax import artifacts, typed_config
 from bigr_jax import convert as convert_cli
 from bigr_jax.weights import generator_weights, io, tokenizer_weights
 from bigr_jax.models import bigr, tokenizer as tokenizer_lib
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig, from_model_args
 from bigr_jax.models.discriminator import Discriminator
-from bigr_jax.train import checkpoints, generator, tokenizer as tokenizer_train
+from bigr_jax.train import checkpoints, generator_trainer, tokenizer_trainer
+from conftest import count_params
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -50,7 +51,7 @@ def test_parameter_counts_of_released_models():
   counts = {("L", 24): 336_346_136, ("XL", 24): 799_372_824, ("XXL", 24): 1_480_028_184,
             ("XXL", 32): 1_480_065_056, ("L-512", 32): 372_718_624}
   for (size, bits), want in counts.items():
-    assert trees.count_params(bigr.param_shapes(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size]))) == want
+    assert count_params(bigr.param_shapes(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size]))) == want
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_weight_decay_mask_matches_original_rule(fixture_model):
   model_args, state_dict = fixture_model
   for scan in (True, False):
     config = from_model_args(model_args, scan_layers=scan)
-    mask = generator.weight_decay_mask(config)
+    mask = generator_trainer.weight_decay_mask(config)
     # The original: decay tensors with >= 2 dims, except biases and the transcoder (`denoise_mlp`).
     want = {k for k, v in state_dict.items() if v.ndim >= 2 and not k.endswith(".bias")
             and k.startswith(("mask_tok", "diffusion_pos", "cls_", "tok_", "adaLN", "layers.", "norm."))}
@@ -262,7 +263,7 @@ def test_tokenizer_to_torch_from_a_training_workdir(tmp_path, bae_local):
   torch = pytest.importorskip("torch")
   config, model_config, params, disc_vars = bae_local
   raw = jax.tree.map(lambda p: p + np.float32(1), params)
-  state = tokenizer_train.TokenizerState(
+  state = tokenizer_trainer.TokenizerState(
       step=np.int32(2), params=raw, ema_params=params, opt_state={"mu": np.zeros((), np.float32)},
       disc_params=disc_vars["params"], disc_stats=disc_vars["batch_stats"],
       disc_opt_state={"mu": np.zeros((), np.float32)})

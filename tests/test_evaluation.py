@@ -24,8 +24,8 @@ from bigr_jax import artifacts, config_sections, parallel
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.evaluation import inception
 from bigr_jax.evaluation import linear_probe
-from bigr_jax.evaluation import metrics
-from bigr_jax.evaluation import run as run_lib
+from bigr_jax.evaluation import adm_metrics
+from bigr_jax.evaluation import protocols
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
 
@@ -299,7 +299,7 @@ def test_resize_matches_torch_interpolate():
 
 def test_fid_of_a_set_with_itself_is_zero():
   acts = np.random.default_rng(0).standard_normal((300, 32)) @ np.random.default_rng(1).standard_normal((32, 32))
-  stats_ = metrics.FIDStatistics.from_activations(acts)
+  stats_ = adm_metrics.FIDStatistics.from_activations(acts)
   assert abs(stats_.frechet_distance(stats_)) < 1e-6 * np.trace(stats_.sigma)
 
 
@@ -319,16 +319,16 @@ def test_fid_of_two_gaussians_matches_the_closed_form():
   mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
   sigma1, sigma2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
   exact = _closed_form_fid(mu1, sigma1, mu2, sigma2)
-  got = metrics.frechet_distance(metrics.FIDStatistics(mu1, sigma1), metrics.FIDStatistics(mu2, sigma2))
+  got = adm_metrics.frechet_distance(adm_metrics.FIDStatistics(mu1, sigma1), adm_metrics.FIDStatistics(mu2, sigma2))
   assert got == pytest.approx(exact, rel=1e-8)
   # Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(s1) - sqrt(s2))^2.
   s1, s2 = rng.random(d) + 0.5, rng.random(d) + 0.5
-  got = metrics.frechet_distance(metrics.FIDStatistics(mu1, np.diag(s1)), metrics.FIDStatistics(mu2, np.diag(s2)))
+  got = adm_metrics.frechet_distance(adm_metrics.FIDStatistics(mu1, np.diag(s1)), adm_metrics.FIDStatistics(mu2, np.diag(s2)))
   assert got == pytest.approx(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2), rel=1e-8)
   # From samples: the estimate converges to the Gaussians' distance.
   x1 = rng.multivariate_normal(mu1, sigma1, size=200000)
   x2 = rng.multivariate_normal(mu2, sigma2, size=200000)
-  sampled = metrics.FIDStatistics.from_activations(x1).frechet_distance(metrics.FIDStatistics.from_activations(x2))
+  sampled = adm_metrics.FIDStatistics.from_activations(x1).frechet_distance(adm_metrics.FIDStatistics.from_activations(x2))
   assert sampled == pytest.approx(exact, rel=0.02)
 
 
@@ -339,11 +339,11 @@ def test_inception_score_matches_reference_formula():
   split = 7  # 23 = 7 + 7 + 7 + 2: the last, short split counts as ADM's does
   want = np.mean([np.exp(np.mean([stats.entropy(p, part.mean(0)) for p in part]))
                   for part in (probs[i:i + split] for i in range(0, len(probs), split))])
-  assert metrics.inception_score(probs, split_size=split) == pytest.approx(want, rel=1e-10)
+  assert adm_metrics.inception_score(probs, split_size=split) == pytest.approx(want, rel=1e-10)
   uniform = np.full((10, 5), 0.2)
-  assert metrics.inception_score(uniform) == pytest.approx(1.0)
+  assert adm_metrics.inception_score(uniform) == pytest.approx(1.0)
   one_hot = np.eye(5)[np.arange(10) % 5] * (1 - 5e-9) + 1e-9
-  assert metrics.inception_score(one_hot) == pytest.approx(5.0, rel=1e-6)
+  assert adm_metrics.inception_score(one_hot) == pytest.approx(5.0, rel=1e-6)
 
 
 def _reference_precision_recall(ref, samples, k):
@@ -362,11 +362,11 @@ def test_precision_recall_matches_reference(block):
   ref = rng.standard_normal((45, 8)).astype(np.float32)
   samples = (rng.standard_normal((37, 8)) * 1.4 + 0.5).astype(np.float32)
   want = _reference_precision_recall(ref.astype(np.float64), samples.astype(np.float64), 3)
-  got = metrics.precision_recall(ref, samples, k=3, block=block)
+  got = adm_metrics.precision_recall(ref, samples, k=3, block=block)
   assert got == pytest.approx(want)
   assert 0 < got[0] < 1 and 0 < got[1] < 1
-  assert metrics.precision_recall(ref, ref, k=3, block=block) == (1.0, 1.0)
-  half = metrics.precision_recall(ref, samples, k=3, block=block, dtype="float16")
+  assert adm_metrics.precision_recall(ref, ref, k=3, block=block) == (1.0, 1.0)
+  half = adm_metrics.precision_recall(ref, samples, k=3, block=block, dtype="float16")
   assert half == pytest.approx(want, abs=0.05)
 
 
@@ -374,22 +374,22 @@ def test_adm_npz_layout_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (9, 80, 76, 3), dtype=np.uint8)
   labels = rng.integers(0, 1000, 9)
-  path = metrics.write_sample_batch(str(tmp_path / "samples.npz"), images, labels)
+  path = adm_metrics.write_sample_batch(str(tmp_path / "samples.npz"), images, labels)
   with np.load(path) as data:
     np.testing.assert_array_equal(data["arr_0"], images)
     np.testing.assert_array_equal(data["arr_1"], labels)
-  np.testing.assert_array_equal(np.concatenate(list(metrics.iterate_npz_array(path, batch_size=4))), images)
-  assert [len(b) for b in metrics.iterate_npz_array(path, batch_size=4, limit=6)] == [4, 2]
+  np.testing.assert_array_equal(np.concatenate(list(adm_metrics.iterate_npz_array(path, batch_size=4))), images)
+  assert [len(b) for b in adm_metrics.iterate_npz_array(path, batch_size=4, limit=6)] == [4, 2]
   np.savez_compressed(tmp_path / "ref.npz", arr_0=images, mu=np.zeros(3), sigma=np.eye(3))
-  compressed = metrics.iterate_npz_array(str(tmp_path / "ref.npz"), batch_size=5)
+  compressed = adm_metrics.iterate_npz_array(str(tmp_path / "ref.npz"), batch_size=5)
   np.testing.assert_array_equal(np.concatenate(list(compressed)), images)
-  assert metrics.read_reference_statistics(str(tmp_path / "ref.npz"))[0].sigma.shape == (3, 3)
-  assert metrics.read_reference_statistics(path) is None
+  assert adm_metrics.read_reference_statistics(str(tmp_path / "ref.npz"))[0].sigma.shape == (3, 3)
+  assert adm_metrics.read_reference_statistics(path) is None
   with pytest.raises(ValueError, match="nothing was saved"):
-    with metrics.SampleBatchWriter(str(tmp_path / "short.npz"), 5, (8, 8)) as writer:
+    with adm_metrics.SampleBatchWriter(str(tmp_path / "short.npz"), 5, (8, 8)) as writer:
       writer.append(images[:2, :8, :8], labels[:2])
   assert not os.path.exists(tmp_path / "short.npz")
-  np.testing.assert_array_equal(metrics.images_to_uint8(np.array([0.0, 0.5, 1.0, 1.2])), [0, 128, 255, 255])
+  np.testing.assert_array_equal(adm_metrics.images_to_uint8(np.array([0.0, 0.5, 1.0, 1.2])), [0, 128, 255, 255])
 
 
 def _cheap_frechet(stats1, stats2, eps=1e-6):
@@ -401,24 +401,24 @@ def _cheap_frechet(stats1, stats2, eps=1e-6):
 
 def test_evaluate_samples_end_to_end(tmp_path, flax_inception, parity_images, monkeypatch):
   """Reference and sample batches on disk -> metrics, through the Inception sharded over 2 devices."""
-  monkeypatch.setattr(metrics, "frechet_distance", _cheap_frechet)
+  monkeypatch.setattr(adm_metrics, "frechet_distance", _cheap_frechet)
   rng = np.random.default_rng(0)
   # The parity images' shape, so the unsharded comparison below reuses the compiled network.
   reference = rng.integers(0, 256, (6,) + parity_images.shape[1:], dtype=np.uint8)
   samples = np.concatenate([reference[:3], rng.integers(0, 256, (3,) + parity_images.shape[1:], dtype=np.uint8)])
   np.savez(tmp_path / "ref.npz", arr_0=reference)
   # Where --mode=evaluate puts (and finds) its sample batch.
-  metrics.write_sample_batch(str(artifacts.output_path(tmp_path, artifacts.EVALUATION_SAMPLES)), samples, np.arange(6))
+  adm_metrics.write_sample_batch(str(artifacts.output_path(tmp_path, artifacts.EVALUATION_SAMPLES)), samples, np.arange(6))
   config = ml_collections.ConfigDict({"evaluation": {"reference_batch": str(tmp_path / "ref.npz"), "batch_size": 2},
                                       "mesh": {"data": 2, "fsdp": 1, "tensor": 1}})
   mesh = _mesh(2, 1, 1, jax.devices()[:2])
-  result = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
+  result = protocols.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
   assert set(result) >= {"fid", "sfid", "inception_score", "precision", "recall"}
   assert json.loads((tmp_path / "evaluation.json").read_text())["fid"] == pytest.approx(result["fid"])
   with pytest.raises(FileExistsError, match="evaluation.json exists"):  # a finished evaluation is kept
-    run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
+    protocols.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh)
   (tmp_path / "evaluation.json").write_text("{}")
-  again = run_lib.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh,
+  again = protocols.evaluate_samples(config, str(tmp_path), inception_params=flax_inception[0], mesh=mesh,
                                    overwrite=True)
   assert json.loads((tmp_path / "evaluation.json").read_text())["fid"] == pytest.approx(again["fid"])
   # The same metrics from unsharded activations.
@@ -426,10 +426,10 @@ def test_evaluate_samples_end_to_end(tmp_path, flax_inception, parity_images, mo
   acts = {}
   for name, images in (("ref", reference), ("samples", samples)):
     outs = [apply(params, jnp.asarray(images[i:i + 2], jnp.float32) / 255.0) for i in range(0, 6, 2)]
-    acts[name] = metrics.Activations(
+    acts[name] = adm_metrics.Activations(
         np.concatenate([o["pool"] for o in outs]), np.concatenate([o["spatial"] for o in outs]).reshape(6, -1),
         np.concatenate([jax.nn.softmax(o["logits_unbiased"]) for o in outs]))
-  want = metrics.compute_metrics(acts["ref"], acts["samples"])
+  want = adm_metrics.compute_metrics(acts["ref"], acts["samples"])
   for key in ("fid", "sfid", "inception_score", "precision", "recall"):
     assert result[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
   # A second evaluation takes the reference activations from the cache (the runner is not called).
@@ -437,7 +437,7 @@ def test_evaluate_samples_end_to_end(tmp_path, flax_inception, parity_images, mo
     def npz_activations(self, *args, **kwargs):
       raise AssertionError("reference activations were recomputed")
 
-  cached = run_lib.reference_activations(NoRunner(), str(tmp_path / "ref.npz"), str(tmp_path / "evaluation_cache"),
+  cached = protocols.reference_activations(NoRunner(), str(tmp_path / "ref.npz"), str(tmp_path / "evaluation_cache"),
                                          "given")
   np.testing.assert_allclose(cached.pool, acts["ref"].pool, rtol=1e-4, atol=1e-5)
 
@@ -535,32 +535,32 @@ def test_entry_points_extract_and_probe(tmp_path, tiny_params):
       "seed": 0, "model": fields, "data": {"name": "synthetic"}, "mesh": {"data": 4, "fsdp": 2, "tensor": 1},
       "evaluation": {"layers": (1,), "batch_size": 96, "batches_per_chunk": 2,
                      "probe": {"epochs": 20, "batch_size": 64, "base_lr": 20.0, "warmup_epochs": 2}}})
-  dirs = run_lib.extract_features(config, str(tmp_path), params=tiny_params)
+  dirs = protocols.extract_features(config, str(tmp_path), params=tiny_params)
   assert set(dirs) == {"train", "validation"}
   train, labels = features_lib.load_features(dirs["train"])
   assert train[1].shape == (512, TINY.dim) and labels.shape == (512,)
-  result = run_lib.probe_features(config, str(tmp_path))
+  result = protocols.probe_features(config, str(tmp_path))
   assert set(result["layers"]) == {1} and result["best_layer"] == 1
   assert result["best_top1"] > 50  # 10 classes of noisy fixed patterns
   assert json.loads((tmp_path / "linear_probe.json").read_text())["best_layer"] == 1
   with pytest.raises(FileNotFoundError, match="evaluation.params"):
-    run_lib.extract_features(config, str(tmp_path / "empty"))
+    protocols.extract_features(config, str(tmp_path / "empty"))
   # evaluation.params: a converted params checkpoint.
   from bigr_jax.weights import params_io
   params_io.save_params(tiny_params, tmp_path / "params")
   config.evaluation.params = str(tmp_path / "params")
-  loaded = run_lib.load_generator_params(config, str(tmp_path / "empty"), TINY)
+  loaded = protocols.load_generator_params(config, str(tmp_path / "empty"), TINY)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, loaded), tiny_params)
 
 
 def test_evaluation_config_checks():
   config = ml_collections.ConfigDict({"evaluation": {"layers": (3,), "probe": {"epochs": 5}}})
-  ev = run_lib.evaluation_config(config)
+  ev = protocols.evaluation_config(config)
   assert ev.layers == (3,) and ev.probe.epochs == 5 and ev.probe.batch_size == 16384
   with pytest.raises(ValueError, match=r"unknown config.evaluation field\(s\) \['layer'\]"):
-    run_lib.evaluation_config(ml_collections.ConfigDict({"evaluation": {"layer": 3}}))
+    protocols.evaluation_config(ml_collections.ConfigDict({"evaluation": {"layer": 3}}))
   with pytest.raises(ValueError, match="condition"):
-    run_lib.evaluation_config(ml_collections.ConfigDict({"evaluation": {"condition": "cls"}}))
+    protocols.evaluation_config(ml_collections.ConfigDict({"evaluation": {"condition": "cls"}}))
   assert features_lib.resolve_layers((), 24) == [12]
   assert features_lib.resolve_layers((-1, 3, 3), 24) == [3, 23]
   with pytest.raises(ValueError, match="out of range"):

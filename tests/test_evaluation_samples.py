@@ -10,7 +10,7 @@ from bigr_jax import config_lib
 from bigr_jax.weights import generator_weights, params_io
 from bigr_jax.models import tokenizer
 from bigr_jax.models.config import from_model_args
-from bigr_jax.sampling import run_sample
+from bigr_jax.sampling import drawing
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "bigr_original"
 
@@ -32,7 +32,7 @@ def test_evaluation_samples_resume(tmp_path):
   config.sample.update(num_iter=2, infer_steps=4, batch_size=8, cfg_scale=2.0)
   config.evaluation = ml_collections.ConfigDict(dict(num_samples=20, sample_batch=""))
 
-  path = pathlib.Path(run_sample.evaluation_samples(config, str(tmp_path)))
+  path = pathlib.Path(drawing.evaluation_samples(config, str(tmp_path)))
   first = np.load(path)
   assert first["arr_0"].shape == (20, 64, 64, 3) and first["arr_0"].dtype == np.uint8
   np.testing.assert_array_equal(first["arr_1"], np.arange(20) % 10)
@@ -43,6 +43,6 @@ def test_evaluation_samples_resume(tmp_path):
   kept = {p: p.stat().st_mtime_ns for p in parts[:2]}
   path.unlink()
   parts[2].unlink()
-  again = np.load(run_sample.evaluation_samples(config, str(tmp_path)))
+  again = np.load(drawing.evaluation_samples(config, str(tmp_path)))
   assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
   np.testing.assert_array_equal(again["arr_0"], first["arr_0"])  # same seeds, same images

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bigr_jax.weights import params_io
-from bigr_jax.train import metrics as metrics_lib
+from bigr_jax.train import metric_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATOR = "--config=configs/bigr_l.py:runlocal"
@@ -155,7 +155,7 @@ def test_a_failing_tensorboard_disk_raises_in_the_training_thread(small_disk, tm
 
   def write_steps():
     try:
-      writer = metrics_lib.MetricWriter(workdir, tensorboard=True)
+      writer = metric_writer.MetricWriter(workdir, tensorboard=True)
       for step in range(1, 20001):
         writer.write(step, {"loss": 0.5, "bit_accuracy": 0.5, "images_per_s": 100.0})
       outcome["error"] = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bigr_jax import config_sections, data, parallel, typed_config
-from bigr_jax.train import state as state_lib, tokenizer as tokenizer_train
+from bigr_jax.train import state as state_lib, tokenizer_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ def test_learns_to_reconstruct_held_out_photo_crops():
   held_out = photo_crops(64, size, seed=1, part="held_out")  # regions never trained on
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   steps = 200
-  trainer = tokenizer_train.TokenizerTrainer(config, mesh, total_steps=steps)
+  trainer = tokenizer_trainer.TokenizerTrainer(config, mesh, total_steps=steps)
   state = trainer.init(jax.random.key(0))
 
   def held_out_psnr(params):
@@ -78,20 +78,20 @@ def test_train_resume_grids_and_encode(tmp_path):
   config = local_config(total_steps=10)
   config.loss.disc_start_step = 5  # the GAN branch and the discriminator update run too
   workdir = tmp_path / "bae"
-  state = tokenizer_train.train_and_evaluate(config, str(workdir))
+  state = tokenizer_trainer.train_and_evaluate(config, str(workdir))
   assert int(state.step) == 10
   grids = sorted((workdir / "reconstructions").glob("*.png"))
   assert [g.name for g in grids] == ["step_0000005.png", "step_0000010.png"]
   config.total_steps = 12
-  assert int(tokenizer_train.train_and_evaluate(config, str(workdir)).step) == 12  # resumed, not restarted
+  assert int(tokenizer_trainer.train_and_evaluate(config, str(workdir)).step) == 12  # resumed, not restarted
 
   config.data.split = "test"
-  out = tokenizer_train.encode_dataset(config, str(workdir))
+  out = tokenizer_trainer.encode_dataset(config, str(workdir))
   with pytest.raises(FileExistsError, match="finished codes.*--overwrite"):  # before any weights are read
-    tokenizer_train.encode_dataset(config, str(workdir))
+    tokenizer_trainer.encode_dataset(config, str(workdir))
   before = (out / "codes.npy").read_bytes()
   config.seed += 1  # other Bernoulli draws: the codes written again differ
-  assert tokenizer_train.encode_dataset(config, str(workdir), overwrite=True) == out
+  assert tokenizer_trainer.encode_dataset(config, str(workdir), overwrite=True) == out
   assert (out / "codes.npy").read_bytes() != before
   codes = data.CodesSource(str(out), flip=False)
   record = codes[0]
@@ -114,7 +114,7 @@ def test_skipped_images_are_counted_in_the_metrics(tmp_path):
   config = local_config(total_steps=5, log_every=1, checkpoint_every=5)
   config.data.update(name="folder", data_dir=str(tmp_path), eval_split="validation", on_bad_image="skip")
   config.batch_size = 8  # a batch is an epoch of the 8 files, with its 2 bad ones
-  tokenizer_train.train_and_evaluate(config, str(tmp_path / "bae"))
+  tokenizer_trainer.train_and_evaluate(config, str(tmp_path / "bae"))
   lines = [json.loads(line) for line in (tmp_path / "bae" / "metrics.jsonl").read_text().splitlines()]
   assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
   assert sum(line["skipped_images"] for line in lines) == 10
@@ -124,7 +124,7 @@ def test_missing_lpips_weights_is_a_clear_error():
   config = local_config()
   config.loss.perceptual_weight = 1.0
   with pytest.raises(ValueError, match="lpips.vgg_path"):
-    tokenizer_train.TokenizerTrainer(config, parallel.make_mesh(config.mesh, jax.devices()[:2]), 10)
+    tokenizer_trainer.TokenizerTrainer(config, parallel.make_mesh(config.mesh, jax.devices()[:2]), 10)
 
 
 def test_optimizer_settings_reach_the_tokenizer():
@@ -134,7 +134,7 @@ def test_optimizer_settings_reach_the_tokenizer():
   for name, changes in (("plain", {}), ("clipped", {"grad_clip": 1e-12}), ("warmup", {"warmup_steps": 10})):
     config = local_config()
     config.optim.update(changes)
-    trainer = tokenizer_train.TokenizerTrainer(config, parallel.make_mesh(config.mesh), total_steps=10)
+    trainer = tokenizer_trainer.TokenizerTrainer(config, parallel.make_mesh(config.mesh), total_steps=10)
     params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), trainer.abstract_state.params)
     grads = jax.tree_util.tree_map(np.ones_like, params)
     updates, _ = trainer.optimizer.update(grads, trainer.optimizer.init(params), params)
@@ -160,7 +160,7 @@ def test_remat_from_the_config_reaches_the_train_step():
   for remat in (False, True):
     config = local_config()
     config.model.remat = remat
-    trainer = tokenizer_train.TokenizerTrainer(config, parallel.make_mesh(config.mesh), total_steps=10)
+    trainer = tokenizer_trainer.TokenizerTrainer(config, parallel.make_mesh(config.mesh), total_steps=10)
     images = jax.ShapeDtypeStruct((config.batch_size, config.model.img_size, config.model.img_size, 3), np.float32)
     step = trainer._train_step  # pylint: disable=protected-access
     jaxpr = jax.make_jaxpr(step)(trainer.abstract_state, {"image": images}, jax.random.key(0))

@@ -15,7 +15,7 @@ from bigr_jax import data, parallel, typed_config
 from bigr_jax.compile import report
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
-from bigr_jax.train import checkpoints, generator, metrics as metrics_lib
+from bigr_jax.train import checkpoints, generator_trainer, metric_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_mesh_and_single_device_agree():
     if name == "single":
       config.mesh.update(data=1, fsdp=1, tensor=1)
     mesh = parallel.make_mesh(config.mesh, devices)
-    trainer = generator.GeneratorTrainer(config, mesh, total_steps=3)
+    trainer = generator_trainer.GeneratorTrainer(config, mesh, total_steps=3)
     state = trainer.init(jax.random.key(0))
     losses = []
     with jax.set_mesh(mesh):
@@ -109,7 +109,7 @@ def test_activations_stay_split_over_the_batch_axes():
     config.batch_size = 64
     config.logical_axis_rules = rules
     mesh = parallel.make_mesh(config.mesh)
-    trainer = generator.GeneratorTrainer(config, mesh, total_steps=10)
+    trainer = generator_trainer.GeneratorTrainer(config, mesh, total_steps=10)
     compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(64), jax.random.key(0)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -121,7 +121,7 @@ def test_training_learns_the_classes():
   config = tiny_config(data=1, fsdp=1, tensor=1)
   config.optim.lr = 3e-3
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  trainer = generator.GeneratorTrainer(config, mesh, total_steps=60)
+  trainer = generator_trainer.GeneratorTrainer(config, mesh, total_steps=60)
   state = trainer.init(jax.random.key(0))
   probe = next(synthetic_batches(config, start=1000))
   rngs = {name: jax.random.key(i) for i, name in enumerate(("mask", "diffusion", "label_drop", "dropout"))}
@@ -144,24 +144,24 @@ def test_resume_and_restore_onto_another_mesh(tmp_path):
   config = tiny_config()
   config.total_steps = 8
   config.checkpoint_every = 4
-  full = generator.train_and_evaluate(config, str(tmp_path / "full"))
-  logged = metrics_lib.read_metrics(tmp_path / "full")
+  full = generator_trainer.train_and_evaluate(config, str(tmp_path / "full"))
+  logged = metric_writer.read_metrics(tmp_path / "full")
   assert [m["step"] for m in logged] == [5, 8] and all(np.isfinite(m["loss"]) for m in logged)
 
   config.total_steps = 4  # "interrupted" after 4 steps, then resumed to 8 on the same mesh
-  generator.train_and_evaluate(config, str(tmp_path / "resumed"))
+  generator_trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.total_steps = 8
-  resumed = generator.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed = generator_trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.params),
                          jax.device_get(resumed.params))
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(full.ema_params),
                          jax.device_get(resumed.ema_params))
 
   config.total_steps = 4
-  generator.train_and_evaluate(config, str(tmp_path / "moved"))
+  generator_trainer.train_and_evaluate(config, str(tmp_path / "moved"))
   config.total_steps = 8
   config.mesh.update(data=8, fsdp=1, tensor=1)  # resumed on a different mesh shape
-  moved = generator.train_and_evaluate(config, str(tmp_path / "moved"))
+  moved = generator_trainer.train_and_evaluate(config, str(tmp_path / "moved"))
   # As in test_mesh_and_single_device_agree: reduction-order noise, amplified by Adam over 4 steps, stays far
   # below one step's movement (lr 1e-3).
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4), jax.device_get(full.params),
@@ -173,12 +173,12 @@ def test_resume_and_restore_onto_another_mesh(tmp_path):
   config.model.dim = 2 * config.model.dim  # another model: refused before any step
   with pytest.raises(checkpoints.ConfigChanged, match=rf"holds a run of another model \(model.dim: "
                                                       rf"{config.model.dim // 2} there, {config.model.dim} here"):
-    generator.train_and_evaluate(config, str(tmp_path / "moved"))
+    generator_trainer.train_and_evaluate(config, str(tmp_path / "moved"))
   assert len((tmp_path / "moved" / checkpoints.RESUMES).read_text().splitlines()) == 1
 
 
 def test_logged_metrics_average_the_steps_since_the_last_report():
-  averages = metrics_lib.ScalarAverages()
+  averages = metric_writer.ScalarAverages()
   rng = np.random.default_rng(0)
   steps = [{"loss": np.float32(rng.random()), "bit_accuracy": np.float32(rng.random())} for _ in range(5)]
   for values in steps:
@@ -203,7 +203,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
       yield batch
 
   with pytest.raises(checkpoints.Preempted) as preempted:
-    generator.train_and_evaluate(config, str(tmp_path), batches=batches())
+    generator_trainer.train_and_evaluate(config, str(tmp_path), batches=batches())
   stopped_at = preempted.value.step
   assert 3 < stopped_at < 50
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == stopped_at
@@ -214,7 +214,7 @@ def test_nan_loss_stops_with_clear_message(tmp_path):
   nan_bits = ({**batch, "bits": np.full(batch["bits"].shape, np.nan, np.float32)} for batch in
               synthetic_batches(config))  # (a NaN learning rate is refused before any work: test_config.py)
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
-    generator.train_and_evaluate(config, str(tmp_path), batches=nan_bits)
+    generator_trainer.train_and_evaluate(config, str(tmp_path), batches=nan_bits)
   assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
 
 
@@ -222,13 +222,13 @@ def test_bad_configs_fail_before_compute(tmp_path):
   config = tiny_config()
   config.batch_size = 6  # not divisible by the 4 batch shards of a (2, 2, 2) mesh
   with pytest.raises(ValueError, match="not divisible"):
-    generator.train_and_evaluate(config, str(tmp_path))
+    generator_trainer.train_and_evaluate(config, str(tmp_path))
   config = tiny_config(data=3)
   with pytest.raises(ValueError, match="devices"):
-    generator.train_and_evaluate(config, str(tmp_path))
+    generator_trainer.train_and_evaluate(config, str(tmp_path))
   config = tiny_config()
   config.data.name = "digits"
   with pytest.raises(ValueError, match="codes"):
-    generator.train_and_evaluate(config, str(tmp_path))
+    generator_trainer.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config argument"):
     typed_config.load_config_file(os.path.join(ROOT, "configs", "bigr_l.py") + ":bitz=24")

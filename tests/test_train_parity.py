@@ -22,7 +22,7 @@ import pytest
 from bigr_jax import config_lib, parallel, typed_config
 from bigr_jax.weights import generator_weights
 from bigr_jax.models import bigr, config as model_config_lib
-from bigr_jax.train import generator, state as state_lib
+from bigr_jax.train import generator_trainer, state as state_lib
 
 TOL = 1e-5
 NO_DROPOUT = dict(token_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
@@ -49,7 +49,7 @@ def _trainer(fixture) -> tuple:
                       weight_decay=hparams["weight_decay"], grad_clip=hparams["max_grad_norm"])
   config.ema_decay = hparams["ema_decay"]
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
-  return generator.GeneratorTrainer(config, mesh, total_steps=3), model
+  return generator_trainer.GeneratorTrainer(config, mesh, total_steps=3), model
 
 
 def _step_inputs(fixture, step: int):
@@ -104,7 +104,7 @@ def test_weight_decay_mask_equals_the_original(parity_dir):
     model = model_config_lib.from_model_args(str(fixture["config"]), **NO_DROPOUT)
     shapes = nn.meta.unbox(bigr.param_shapes(model))
     mask = jax.tree_util.tree_map(lambda decayed, shape: np.full(shape.shape, float(decayed), np.float32),
-                                  generator.weight_decay_mask(model), shapes)
+                                  generator_trainer.weight_decay_mask(model), shapes)
     as_torch = generator_weights.flax_to_torch(mask, model, with_aliases=False, with_buffers=False)
     recorded = _prefixed(fixture, "decay/")
     assert set(recorded) == set(as_torch), sorted(set(recorded) ^ set(as_torch))

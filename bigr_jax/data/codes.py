@@ -98,8 +98,7 @@ class CodesWriter:
       self.count = int(meta["count"])
       self._arrays = {n: np.load(os.path.join(self.directory, n), mmap_mode="r+") for n in names}
       if self.count:
-        logging.info("Resuming codes in %s at record %d / %d.", self.directory, self.count,
-                     self.num_records)
+        print(f"resuming codes in {self.directory} at record {self.count} / {self.num_records}", flush=True)
     else:
       os.makedirs(self.directory, exist_ok=True)
       if os.path.exists(meta_path):
@@ -348,7 +347,7 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
                          packed=packed, with_flipped=with_flipped)
   start = writer.count if writer is not None else 0
   if start >= n:
-    logging.info("Codes in %s are complete (%d records).", directory, n)
+    print(f"codes in {directory} are complete ({n} records)", flush=True)
     writer.close()
     return writer
   dataset = (grain.MapDataset.source(source)[start:]
@@ -369,7 +368,7 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
       writer.append(codes, batch["label"], flipped)
       skipped += int(np.sum(batch.get("skipped", 0)))
       if step % 100 == 0:
-        logging.info("Encoded %d / %d records into %s.", writer.count, n, directory)
+        print(f"encoded {writer.count} / {n} records into {directory}", flush=True)
   finally:
     if writer is not None:
       writer.close()

@@ -4,9 +4,9 @@ Entry points (`run.py`): `extract_features`, `probe_features`, `features_and_pro
 `config.evaluation` (`config_sections.EvaluationConfig` lists every field).
 """
 
-from bigr_jax.evaluation.run import evaluate_samples
-from bigr_jax.evaluation.run import evaluation_config
-from bigr_jax.evaluation.run import extract_features
-from bigr_jax.evaluation.run import features_and_probe
-from bigr_jax.evaluation.run import probe_features
-from bigr_jax.evaluation.run import refuse_finished_evaluation
+from bigr_jax.evaluation.protocols import evaluate_samples
+from bigr_jax.evaluation.protocols import evaluation_config
+from bigr_jax.evaluation.protocols import extract_features
+from bigr_jax.evaluation.protocols import features_and_probe
+from bigr_jax.evaluation.protocols import probe_features
+from bigr_jax.evaluation.protocols import refuse_finished_evaluation

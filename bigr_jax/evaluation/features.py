@@ -25,7 +25,6 @@ import os
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
@@ -227,10 +226,10 @@ def write_features(extractor: FeatureExtractor,
       raise ValueError(f"{directory} holds features of another run {old}; asked for {layout}. Use another "
                        "directory or overwrite=True.")
     if progress["done"]:
-      logging.info("Features in %s are complete (%d examples).", directory, progress["count"])
+      print(f"features in {directory} are complete ({progress['count']} examples)", flush=True)
       return progress
-    logging.info("Resuming features in %s after %d chunks (%d examples).", directory, progress["chunks"],
-                 progress["count"])
+    print(f"resuming features in {directory} after {progress['chunks']} chunks ({progress['count']} examples)",
+          flush=True)
   else:
     progress = {**layout, "batch_size": None, "chunks": 0, "count": 0, "done": False}
   if callable(batches):
@@ -281,13 +280,13 @@ def write_features(extractor: FeatureExtractor,
       rate = done_here / (now - started)
       total = progress["count"] + sum(len(l) for l in pending_labels)
       eta = f", eta {(num_examples - total) / rate / 60:.1f} min" if num_examples and rate > 0 else ""
-      logging.info("features: %d%s examples, %.1f examples/s%s", total,
-                   f" / {num_examples}" if num_examples else "", rate, eta)
+      print(f"features: {total}{f' / {num_examples}' if num_examples else ''} examples, {rate:.1f} examples/s{eta}",
+            flush=True)
       last_log = now
   flush(final=True)
   elapsed = time.perf_counter() - started
-  logging.info("features: done, %d examples in %s (%.1f examples/s this run)", progress["count"], directory,
-               done_here / max(elapsed, 1e-9))
+  print(f"features: done, {progress['count']} examples in {directory} "
+        f"({done_here / max(elapsed, 1e-9):.1f} examples/s this run)", flush=True)
   return progress
 
 

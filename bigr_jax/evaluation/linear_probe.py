@@ -246,7 +246,7 @@ def _train_sgd_probe(train_features, train_labels, eval_features, eval_labels, c
       # semaphore), which XLA ends by aborting the process. The probe's steps are small; waiting costs little.
       jax.block_until_ready(loss)
     if log_every_epochs and (epoch + 1) % log_every_epochs == 0:
-      logging.info("probe: epoch %d/%d loss %.4f", epoch + 1, config.epochs, float(loss))
+      print(f"probe: epoch {epoch + 1}/{config.epochs} loss {float(loss):.4f}", flush=True)
   result = topk_accuracy(predict_logits(compiled, state, eval_features, eval_batch), eval_labels)
   train_eval = train_features[:eval_batch * 4]  # a bounded sample: enough to see over/under-fitting
   result["train_top1"] = topk_accuracy(predict_logits(compiled, state, train_eval, eval_batch),
@@ -343,7 +343,7 @@ def layer_sweep(train_features: Mapping[int, np.ndarray], train_labels: np.ndarr
   for layer in sorted(train_features):
     results[layer] = train_probe(train_features[layer], train_labels, eval_features[layer], eval_labels, config,
                                  mesh=mesh, num_classes=num_classes, _cache=cache)
-    logging.info("probe: layer %d top1 %.2f top5 %.2f", layer, results[layer]["top1"], results[layer]["top5"])
+    print(f"probe: layer {layer} top1 {results[layer]['top1']:.2f} top5 {results[layer]['top5']:.2f}", flush=True)
   best = max(results, key=lambda layer: results[layer]["top1"])
   return {"layers": results, "best_layer": best, "best_top1": results[best]["top1"],
           "best_top5": results[best]["top5"]}

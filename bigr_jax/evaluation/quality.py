@@ -2,7 +2,7 @@
 
 Class accuracy alone cannot see mode collapse: ten copies of one good digit per class score 100%. So beside it:
 - the Fréchet distance (FD) between the samples' and the real training images' features;
-- precision and recall (k = 3, `metrics.precision_recall`) against the real training features;
+- precision and recall (k = 3, `adm_metrics.precision_recall`) against the real training features;
 - diversity: the mean pairwise feature distance within each class, averaged over the classes.
 The floor is the same report for real held-out images (as many per class as the samples have) against the real
 training images: what a perfect generator would score with that many images. The ceiling is the report for the
@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from sklearn.neural_network import MLPClassifier
 
-from bigr_jax.evaluation import metrics
+from bigr_jax.evaluation import adm_metrics
 
 HIDDEN_UNITS = 64
 
@@ -66,9 +66,9 @@ def score(space: FeatureSpace, train_features: np.ndarray, images, labels) -> di
   """FD, precision, recall, diversity and class accuracy of `images` against the real training features."""
   labels = np.asarray(labels)
   features = space.features(images)
-  fd = metrics.FIDStatistics.from_activations(features).frechet_distance(
-      metrics.FIDStatistics.from_activations(train_features))
-  precision, recall = metrics.precision_recall(train_features, features)
+  fd = adm_metrics.FIDStatistics.from_activations(features).frechet_distance(
+      adm_metrics.FIDStatistics.from_activations(train_features))
+  precision, recall = adm_metrics.precision_recall(train_features, features)
   return {"fd": fd, "precision": precision, "recall": recall, "diversity": diversity(features, labels),
           "class_accuracy": float(np.mean(space.predict(images) == labels)), "num_images": int(len(labels))}
 

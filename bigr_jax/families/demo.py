@@ -18,8 +18,8 @@ from bigr_jax import artifacts, data, evaluation, files, images as images_lib
 from bigr_jax.evaluation import quality
 from bigr_jax.families import generator as generator_family, tokenizer as tokenizer_family
 from bigr_jax.families.base import Family, Mode
-from bigr_jax.sampling import run_sample, sweep as sweep_lib
-from bigr_jax.train import generator, tokenizer
+from bigr_jax.sampling import drawing, sweep as sweep_lib
+from bigr_jax.train import generator_trainer, tokenizer_trainer
 
 SPLITS = ("train", "test")  # codes of both: the generator trains on train, the probe evaluates on test
 EDIT_IMAGE, EDIT_MASK = "edit_digit.png", "edit_mask.png"  # a held-out digit, and its top half to regenerate
@@ -69,7 +69,7 @@ def _stacked(source, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def encode(config, workdir, overwrite: bool = False):
   """`--mode=encode` on the demo: codes of `tokenizer.data.split` with the workdir's B-AE."""
-  return tokenizer.encode_dataset(config.tokenizer, str(pathlib.Path(workdir) / "tokenizer"), overwrite)
+  return tokenizer_trainer.encode_dataset(config.tokenizer, str(pathlib.Path(workdir) / "tokenizer"), overwrite)
 
 
 def compile_programs(config, workdir) -> dict:
@@ -103,7 +103,7 @@ def quality_report(config, workdir) -> quality.QualityReport:
   gen, _ = generator_stage(config, workdir)
   tokenizer_config = artifacts.tokenizer_model_config(gen.tokenizer)
   tokenizer_params = artifacts.tokenizer_params(gen.tokenizer.checkpoint, tokenizer_config)
-  reconstructions = run_sample.decode_bits(tokenizer_config, tokenizer_params, bits)
+  reconstructions = drawing.decode_bits(tokenizer_config, tokenizer_params, bits)
   return quality.QualityReport.from_splits(*real_images(config, "train"), held_out, held_out_labels,
                                            held_out_reconstructions=reconstructions)
 
@@ -113,7 +113,7 @@ def evaluate(config, workdir) -> dict:
   a classifier trained on real digits (FD, precision, recall, diversity, class accuracy), beside the B-AE's
   reconstructions of held-out digits (the ceiling) and the real held-out digits (the floor); writes samples.png,
   samples.npz and the scores into demo.json."""
-  drawn = run_sample.draw_samples(*generator_stage(config, workdir))
+  drawn = drawing.draw_samples(*generator_stage(config, workdir))
   images, labels, models = drawn.images, drawn.labels, drawn.models
   workdir = pathlib.Path(workdir)
   report = quality_report(config, workdir)
@@ -183,19 +183,19 @@ def run_stages(config, workdir) -> dict:
 
   print("== 1/4 tokenizer: a B-AE on the digits", flush=True)
   tok_dir = workdir / "tokenizer"
-  tokenizer.train_and_evaluate(config.tokenizer, str(tok_dir))
+  tokenizer_trainer.train_and_evaluate(config.tokenizer, str(tok_dir))
   lap("tokenizer")
 
   print("== 2/4 codes: encode the training and held-out digits", flush=True)
   for split in SPLITS:
     stage = config.copy_and_resolve_references()
     stage.tokenizer.data.split = split
-    tokenizer.write_codes(stage.tokenizer, str(workdir / "tokenizer"))  # a rerun keeps finished codes
+    tokenizer_trainer.write_codes(stage.tokenizer, str(workdir / "tokenizer"))  # a rerun keeps finished codes
   lap("codes")
 
   print("== 3/4 generator: BiGR on the codes", flush=True)
   gen, gen_workdir = generator_stage(config, workdir)
-  generator.train_and_evaluate(gen, str(gen_workdir))
+  generator_trainer.train_and_evaluate(gen, str(gen_workdir))
   lap("generator")
 
   print("== 4/4 samples: every class, scored against real digits", flush=True)
@@ -223,8 +223,8 @@ FAMILY = Family(
     modes={
         "train": Mode("the embedded demo end to end: tokenizer, codes, generator, samples, verdict", run_stages),
         "encode": Mode("codes of tokenizer.data.split with the workdir's B-AE", encode, overwrite=True),
-        "sample": Mode(generator_family.FAMILY.modes["sample"].help, on_generator(run_sample.sample_to_workdir)),
-        "edit": Mode(generator_family.FAMILY.modes["edit"].help, on_generator(run_sample.edit_to_workdir)),
+        "sample": Mode(generator_family.FAMILY.modes["sample"].help, on_generator(drawing.sample_to_workdir)),
+        "edit": Mode(generator_family.FAMILY.modes["edit"].help, on_generator(drawing.edit_to_workdir)),
         "features": Mode("the generator's pooled features at every block, probed beside raw pixels and the B-AE's "
                          "codes", features),
         "evaluate": Mode("the digit classifier's verdict on samples of every class, beside the B-AE ceiling and the "

@@ -14,8 +14,8 @@ from bigr_jax.evaluation import features as features_lib
 from bigr_jax.families.base import Family, Mode
 from bigr_jax.models import bigr
 from bigr_jax.models.config import GeneratorConfig
-from bigr_jax.sampling import run_sample, sampler
-from bigr_jax.train import generator
+from bigr_jax.sampling import drawing, sampler
+from bigr_jax.train import generator_trainer
 
 base_config = config_lib.base_generator_config  # what configs/bigr_*.py start from
 
@@ -36,7 +36,7 @@ def evaluate(config, workdir, overwrite: bool = False):
   """`--mode=evaluate`: refuses finished outputs before any sample is drawn, then draws and scores them."""
   evaluation.refuse_finished_evaluation(workdir, overwrite)
   return evaluation.evaluate_samples(config, workdir, overwrite=overwrite,
-                                     sample_batch=run_sample.evaluation_samples(config, workdir, overwrite))
+                                     sample_batch=drawing.evaluation_samples(config, workdir, overwrite))
 
 
 # --- --mode=compile ----------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def with_model(config, **model_changes):
 
 def generator_train_step(config, mesh, batch: int) -> Callable[[], "jax.stages.Lowered"]:
   """What lowers the generator's train step of `config` at a global `batch` on `mesh` (abstract: nothing allocated)."""
-  trainer = generator.GeneratorTrainer(config, mesh, total_steps=max(1, int(config.total_steps or 1000)))
+  trainer = generator_trainer.GeneratorTrainer(config, mesh, total_steps=max(1, int(config.total_steps or 1000)))
   key = report.abstract_key()
   return lambda: trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch(batch), key)
 
@@ -77,7 +77,7 @@ def programs(config, mesh) -> list:
                         bigr.train_flops_per_image(model) * batch / n, per_block)]
 
   # Sampling as --mode=sample runs it: checkpoint params (float32) on every chip, the batch split.
-  sampler_config, run = run_sample.sample_settings(config.sample)
+  sampler_config, run = drawing.sample_settings(config.sample)
   sample_batch = parallel.round_up_to_shards(run.batch_size or model.num_classes, mesh)
   replicated = lambda shapes: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), shapes)
   sample_params = _param_shapes(model, replicated)
@@ -129,10 +129,10 @@ def compile_mode(config, workdir) -> dict:
 FAMILY = Family(
     name="generator",
     modes={
-        "train": Mode("train (or resume) a model in the workdir", generator.train_and_evaluate),
-        "sample": Mode("class-conditional samples: PNG grid and ADM-layout .npz", run_sample.sample_to_workdir),
+        "train": Mode("train (or resume) a model in the workdir", generator_trainer.train_and_evaluate),
+        "sample": Mode("class-conditional samples: PNG grid and ADM-layout .npz", drawing.sample_to_workdir),
         "edit": Mode("inpaint, outpaint, class edit, interpolation or enrichment (config.edit)",
-                     run_sample.edit_to_workdir),
+                     drawing.edit_to_workdir),
         "features": Mode("pooled features of the code splits and a linear probe on them",
                          evaluation.features_and_probe),
         "evaluate": Mode("score samples: FID / IS / precision-recall with the Inception", evaluate, overwrite=True),

@@ -11,7 +11,7 @@ from bigr_jax.config_sections import CompileConfig
 from bigr_jax.families.base import Family, Mode
 from bigr_jax.models.config import TokenizerConfig
 from bigr_jax.models.lpips import LPIPS
-from bigr_jax.train import tokenizer
+from bigr_jax.train import tokenizer_trainer
 
 base_config = config_lib.base_tokenizer_config  # what configs/bae_*.py start from
 
@@ -33,7 +33,7 @@ def programs(config, mesh) -> list:
     lpips = jax.eval_shape(lambda: LPIPS().init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                                 jnp.zeros((1, 64, 64, 3))))["params"]
     lpips = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), lpips)
-  trainer = tokenizer.TokenizerTrainer(config, mesh, max(1, int(config.total_steps or 1000)), lpips)
+  trainer = tokenizer_trainer.TokenizerTrainer(config, mesh, max(1, int(config.total_steps or 1000)), lpips)
   batch = config.batch_size
   images = {"image": jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, model.n_channels), jnp.float32,
                                           sharding=parallel.batch_sharding(mesh, 4))}
@@ -61,8 +61,8 @@ def compile_mode(config, workdir) -> dict:
 FAMILY = Family(
     name="tokenizer",
     modes={
-        "train": Mode("train (or resume) a model in the workdir", tokenizer.train_and_evaluate),
-        "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE", tokenizer.encode_dataset,
+        "train": Mode("train (or resume) a model in the workdir", tokenizer_trainer.train_and_evaluate),
+        "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE", tokenizer_trainer.encode_dataset,
                        overwrite=True),
         "compile": Mode("compile the train step for config.compile's chips (a TPU topology, from any host): HBM, "
                         "FLOPs, collectives and time bounds per chip; exit 1 if it does not fit", compile_mode),

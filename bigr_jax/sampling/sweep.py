@@ -20,7 +20,7 @@ import numpy as np
 
 from bigr_jax import artifacts, files, parallel, typed_config
 from bigr_jax.config_sections import SweepConfig
-from bigr_jax.sampling import run_sample
+from bigr_jax.sampling import drawing
 
 SWEEP_DIR = "sweep"
 
@@ -99,7 +99,7 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, ceiling=None, ti
       if key not in section:
         raise ValueError(f"config.sweep.grid.{key} is not a config.sample field; fields: {', '.join(section)}")
       section[key] = value
-    parsed.append(run_sample.sample_settings(section))
+    parsed.append(drawing.sample_settings(section))
   out = artifacts.output_path(workdir, SWEEP_DIR)
   table_path = out / "sweep.json"
   rows = files.read_json(table_path)["rows"] if table_path.exists() else []  # every setting ever swept here
@@ -111,7 +111,7 @@ def run_sweep(config, workdir, scorer: Callable, *, floor=None, ceiling=None, ti
   for index, (setting, (sampler_config, run)) in enumerate(zip(settings, parsed)):
     if key(setting, sweep.per_class) in done:
       continue
-    sample = lambda: run_sample.generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
+    sample = lambda: drawing.generate_images(models, labels, sampler_config, run.seed, mesh, run.batch_size)
     sample()  # compiles; the timed run below reuses the program
     start = time.perf_counter()
     images = sample().images

@@ -9,7 +9,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from bigr_jax import chips, parallel
-from bigr_jax.train import checkpoints, metrics as metrics_lib
+from bigr_jax.train import checkpoints, metric_writer
 
 
 class Feed(NamedTuple):
@@ -40,7 +40,7 @@ def _compile_then_meet(train_step, state, batch, key):
   return compiled
 
 
-def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any], abstract_state: Any,
+def train(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any], abstract_state: Any,
         train_step: Callable, flops_per_image: float = 0.0,
         on_log: Optional[Callable[[int, Any], None]] = None):
   """Resumes from `workdir` (or calls `init`), trains to `steps`, logs and checkpoints. Returns the state.
@@ -64,12 +64,12 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     state = init()
   start = int(jax.device_get(state.step))
 
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard, start_step=start)
-  progress = metrics_lib.Progress(steps, config.batch_size, flops_per_image,
+  writer = metric_writer.MetricWriter(workdir, tensorboard=config.tensorboard, start_step=start)
+  progress = metric_writer.Progress(steps, config.batch_size, flops_per_image,
                                   chips.peak_flops_per_device(config.peak_flops_per_device))
   preempted = checkpoints.PreemptionFlag()
   train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  pending, averages = None, metrics_lib.ScalarAverages()
+  pending, averages = None, metric_writer.ScalarAverages()
   skipped = None  # bad images replaced since the last log line, on this process (for sources that decode)
 
   def fetch(step, step_metrics):
@@ -88,10 +88,10 @@ def run(config, workdir, *, mesh, feed: Feed, steps: int, init: Callable[[], Any
     try:
       writer.write(done, scalars)
     except OSError as e:
-      raise metrics_lib.WriteFailed(f"writing metrics to {workdir} failed at step {done}: {e}; the last good "
+      raise metric_writer.WriteFailed(f"writing metrics to {workdir} failed at step {done}: {e}; the last good "
                                     f"checkpoint is step {ckpt.last_good_step()}") from e
     if jax.process_index() == 0:
-      print(metrics_lib.format_line(done, steps, scalars), flush=True)
+      print(metric_writer.format_line(done, steps, scalars), flush=True)
     if on_log is not None:
       on_log(done, state)
 

@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, batches=
     state = trainer.init(jax.random.key(config.seed))
     return _load_initial_params(config, trainer, state) if config.init_from else state
 
-  return loop.run(config, workdir, mesh=mesh, feed=feed, steps=steps, init=init,
+  return loop.train(config, workdir, mesh=mesh, feed=feed, steps=steps, init=init,
                   abstract_state=trainer.abstract_state, train_step=trainer.train_step,
                   flops_per_image=bigr.train_flops_per_image(trainer.model_config))
 

@@ -217,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> TokenizerState:
       images_lib.save_grid(np.concatenate([held_out, recon]), workdir / "reconstructions" / f"step_{step:07d}.png",
                            nrow=len(held_out))
 
-  return loop.run(config, workdir, mesh=mesh, feed=feed, steps=steps, init=init,
+  return loop.train(config, workdir, mesh=mesh, feed=feed, steps=steps, init=init,
                   abstract_state=trainer.abstract_state, train_step=trainer.train_step, on_log=on_log)
 
 

@@ -32,7 +32,6 @@ import json
 import os
 from typing import Any, Optional
 
-from absl import logging
 import jax
 import numpy as np
 
@@ -41,7 +40,7 @@ from bigr_jax.config_sections import DataConfig, EvaluationConfig
 from bigr_jax.evaluation import features as features_lib
 from bigr_jax.evaluation import inception
 from bigr_jax.evaluation import linear_probe
-from bigr_jax.evaluation import metrics as metrics_lib
+from bigr_jax.evaluation import adm_metrics
 from bigr_jax.models.config import GeneratorConfig
 
 
@@ -117,8 +116,8 @@ def extract_features(config, workdir: str, *, params=None, splits=None, mesh=Non
   for split in splits or ev.splits:
     source = _code_source(config, split)
     directory = features_dir(config, workdir, split)
-    logging.info("features: split %s, %d examples, layers %s, condition %s -> %s", split, len(source),
-                 extractor.layers, ev.condition, directory)
+    print(f"features: split {split}, {len(source)} examples, layers {extractor.layers}, condition {ev.condition} "
+          f"-> {directory}", flush=True)
     features_lib.write_features(
         extractor, lambda start, s=source: features_lib.batches_from_source(s, batch_size, start=start),
         directory, batches_per_chunk=ev.batches_per_chunk, num_examples=len(source))
@@ -176,8 +175,8 @@ def _write_json(path: str, obj: Any) -> None:
     files.write_json(path, obj)
 
 
-def reference_activations(runner: metrics_lib.InceptionRunner, reference_batch: str, cache_dir: str,
-                          weights_tag: str) -> metrics_lib.Activations:
+def reference_activations(runner: adm_metrics.InceptionRunner, reference_batch: str, cache_dir: str,
+                          weights_tag: str) -> adm_metrics.Activations:
   """Pool and spatial activations of a reference batch, cached in `cache_dir` (keyed by file and weights)."""
   stat = os.stat(reference_batch)
   tag = f"{os.path.abspath(reference_batch)}|{stat.st_size}|{int(stat.st_mtime)}|{weights_tag}"
@@ -185,8 +184,8 @@ def reference_activations(runner: metrics_lib.InceptionRunner, reference_batch: 
   if os.path.isfile(cache):
     with np.load(cache) as data:
       if str(data["tag"]) == tag:
-        logging.info("evaluate: reference activations from %s", cache)
-        return metrics_lib.Activations(data["pool"], data["spatial"], None)
+        print(f"evaluate: reference activations from {cache}", flush=True)
+        return adm_metrics.Activations(data["pool"], data["spatial"], None)
   acts = runner.npz_activations(reference_batch, probs=False)
   if jax.process_index() == 0:
     with files.atomic_path(cache) as tmp:
@@ -224,18 +223,18 @@ def evaluate_samples(config, workdir: str, *, sample_batch: Optional[str] = None
   if inception_params is None:
     inception_params = inception.load_params(ev.inception_weights)
     weights_tag = os.path.abspath(ev.inception_weights)
-  runner = metrics_lib.InceptionRunner(inception_params, _mesh(config, mesh), ev.batch_size)
+  runner = adm_metrics.InceptionRunner(inception_params, _mesh(config, mesh), ev.batch_size)
   reference = reference_activations(runner, ev.reference_batch, os.path.join(workdir, "evaluation_cache"),
                                     weights_tag)
   reference_stats = None
   if ev.reference_stats == "file":
-    reference_stats = metrics_lib.read_reference_statistics(ev.reference_batch)
+    reference_stats = adm_metrics.read_reference_statistics(ev.reference_batch)
     if reference_stats is None:
       raise ValueError(f"{ev.reference_batch} holds no mu / sigma; use evaluation.reference_stats='recompute'")
   samples = runner.npz_activations(sample_batch, limit=ev.num_samples or None)
-  result = metrics_lib.compute_metrics(reference, samples, reference_stats=reference_stats, k=ev.pr_k,
+  result = adm_metrics.compute_metrics(reference, samples, reference_stats=reference_stats, k=ev.pr_k,
                                        distance_dtype=ev.distance_dtype)
   result.update(sample_batch=sample_batch, reference_batch=ev.reference_batch, reference_stats=ev.reference_stats)
-  logging.info("evaluate: %s", json.dumps(result))
+  print(f"evaluate: {json.dumps(result)}", flush=True)
   _write_json(str(artifacts.output_path(workdir, artifacts.EVALUATION_RESULT)), result)
   return result

@@ -14,7 +14,7 @@ from PIL import Image
 
 from bigr_jax import artifacts, files, images as images_lib, parallel, typed_config
 from bigr_jax.config_sections import EditConfig, SampleRun, SamplerConfig
-from bigr_jax.evaluation import metrics as metrics_lib, run as evaluation_run
+from bigr_jax.evaluation import adm_metrics, protocols as evaluation_protocols
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.sampling import editing, sampler
 
@@ -206,7 +206,7 @@ def evaluation_samples(config, workdir: str, overwrite: bool = False) -> str:
 
   Resumable: each batch is kept in samples/fid_parts/ as it is made, and a rerun skips the batches present.
   """
-  ev = evaluation_run.evaluation_config(config)
+  ev = evaluation_protocols.evaluation_config(config)
   if ev.sample_batch:
     return ev.sample_batch
   out = artifacts.output_path(workdir, artifacts.EVALUATION_SAMPLES)
@@ -233,5 +233,5 @@ def evaluation_samples(config, workdir: str, overwrite: bool = False) -> str:
       np.save(tmp, images_lib.to_uint8(chunk))
     print(f"evaluation samples: {min(start + batch, num)}/{num}", flush=True)
   images = np.concatenate([np.load(parts / f"{start:08d}.npy") for start in range(0, num, batch)])
-  metrics_lib.write_sample_batch(str(out), images, labels)
+  adm_metrics.write_sample_batch(str(out), images, labels)
   return str(out)

@@ -30,7 +30,6 @@ import warnings
 import zipfile
 from typing import Iterable, Iterator, Optional
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -403,7 +402,7 @@ class InceptionRunner:
         probs_out.append(out["probs"])
       done += len(images)
       if log_every and (i + 1) % log_every == 0:
-        logging.info("inception: %d%s %s", done, f" / {total}" if total else "", name)
+        print(f"inception: {done}{f' / {total}' if total else ''} {name}", flush=True)
     if not pool:
       raise ValueError(f"no {name} to evaluate")
     return Activations(np.concatenate(pool), np.concatenate(spatial_out) if spatial else None,
