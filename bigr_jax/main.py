@@ -27,7 +27,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv=None) -> None:
                                   flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs (created if missing).",
                       flag_values=flag_values)
-  flags.DEFINE_string("mode", None, f"Overrides config.mode; one of {', '.join(families.MODE_NAMES)} (each family runs "
+  flags.DEFINE_string("mode", None, f"Overrides config.mode; one of {', '.join(families.mode_names())} (each family runs "
                       "some: bigr_jax.families).", flag_values=flag_values)
   flags.DEFINE_bool("overwrite", False, "Replace the finished outputs of encode (codes) and of a generator's "
                     "evaluate (evaluation.json and its generated samples); without it they are refused before any "

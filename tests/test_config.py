@@ -127,7 +127,7 @@ BAD_COMMAND_LINES = {  # flags -> the one line that refuses them
     ("--config=configs/does_not_exist.py",): "error: no config file configs/does_not_exist.py",
     ("--config.optim.lr=abc",): "error: flag --config.optim.lr=abc: could not convert string to float: 'abc'",
     ("--workdir=",): "error: --workdir is empty: name the run's directory (created if missing)",
-    ("--mode=sampel",): "error: unknown mode 'sampel'; modes: " + ", ".join(families.MODE_NAMES),
+    ("--mode=sampel",): "error: unknown mode 'sampel'; modes: " + ", ".join(families.mode_names()),
     ("--config.optim.lr=nan",): "error: optimizer lr=nan must be a finite positive number",
     ("--config.checkpoint_every=0",): "error: checkpoint_every=0 must be at least 1",
     ("--config.total_steps=-3",): "error: total_steps=-3 must be a non-negative number",

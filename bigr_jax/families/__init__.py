@@ -14,7 +14,11 @@ from bigr_jax.families import demo, generator, tokenizer
 from bigr_jax.families.base import Family
 
 FAMILIES = {family.name: family for family in (tokenizer.FAMILY, generator.FAMILY, demo.FAMILY)}
-MODE_NAMES = tuple(dict.fromkeys(mode for family in FAMILIES.values() for mode in family.modes))
+
+
+def mode_names() -> tuple:
+  """Every family's modes, each once, in the families' order."""
+  return tuple(dict.fromkeys(mode for family in FAMILIES.values() for mode in family.modes))
 
 
 def family_of(config) -> Family:
@@ -32,8 +36,8 @@ def _having(mode: str, overwrite: bool = False) -> list:
 def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
   """The function that runs `mode` for this config, as entry(config, workdir); a mode the config's family
   lacks, or --overwrite where it means nothing, is an error before any work starts."""
-  if mode not in MODE_NAMES:
-    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODE_NAMES)}")
+  if mode not in mode_names():
+    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(mode_names())}")
   family = family_of(config)
   if mode not in family.modes:
     raise ValueError(f"--mode={mode} needs a config of family {' or '.join(_having(mode))}; this config is a "
@@ -42,7 +46,7 @@ def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
   if chosen.overwrite:
     return functools.partial(chosen.entry, overwrite=overwrite)
   if overwrite:
-    where = [f"{name} ({', '.join(_having(name, overwrite=True))})" for name in MODE_NAMES
+    where = [f"{name} ({', '.join(_having(name, overwrite=True))})" for name in mode_names()
              if _having(name, overwrite=True)]
     raise ValueError(f"--overwrite means nothing to --mode={mode} on a {family.name} config; it applies to the modes "
                      f"(families) {', '.join(where)}")
