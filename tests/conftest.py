@@ -13,7 +13,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import filelock  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bigr_jax import typed_config  # noqa: E402
@@ -70,11 +69,6 @@ def quick_demo(tmp_path_factory, worker_id) -> QuickDemo:
     if not stdout.exists():
       stdout.write_text(run_quick_demo(workdir))
   return QuickDemo(workdir, stdout.read_text())
-
-
-def count_params(tree) -> int:
-  """Number of scalars in a params tree (arrays, ShapeDtypeStructs or logically boxed leaves)."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree)))
 
 
 def write_released_generator(path, config: str, seed: int) -> GeneratorConfig:

@@ -16,7 +16,7 @@ from conftest import ROOT
 # docs/architecture.md's table, from the bottom up: a module may import its own layer and the ones below.
 LAYERS = [
     ("configuration", ["typed_config", "config_sections", "config_lib", "models.config"]),
-    ("foundations", ["files", "platforms", "workdir_lock", ""]),
+    ("foundations", ["files", "platforms", "workdir_lock", "trees", ""]),
     ("models", ["models"]),
     ("devices", ["parallel", "chips"]),
     ("data and weight files", ["data", "weights", "images"]),

@@ -9,14 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import artifacts, typed_config
+from bigr_jax import artifacts, trees, typed_config
 from bigr_jax import convert as convert_cli
 from bigr_jax.weights import generator_weights, io, tokenizer_weights
 from bigr_jax.models import bigr, tokenizer as tokenizer_lib
 from bigr_jax.models.config import MODEL_SIZES, GeneratorConfig, TokenizerConfig, from_model_args
 from bigr_jax.models.discriminator import Discriminator
 from bigr_jax.train import checkpoints, generator_trainer, tokenizer_trainer
-from conftest import count_params
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -51,7 +50,7 @@ def test_parameter_counts_of_released_models():
   counts = {("L", 24): 336_346_136, ("XL", 24): 799_372_824, ("XXL", 24): 1_480_028_184,
             ("XXL", 32): 1_480_065_056, ("L-512", 32): 372_718_624}
   for (size, bits), want in counts.items():
-    assert count_params(bigr.param_shapes(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size]))) == want
+    assert trees.count_params(bigr.param_shapes(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size]))) == want
 
 
 @pytest.fixture(scope="module")

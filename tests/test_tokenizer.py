@@ -18,7 +18,7 @@ from bigr_jax.weights import io, tokenizer_weights as tw
 from bigr_jax.models import tokenizer
 from bigr_jax.models.discriminator import Discriminator
 from bigr_jax.models.lpips import LPIPS, VGG16_CONVS
-from conftest import count_params
+from bigr_jax import trees
 
 TOL = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def test_param_counts_of_released_models():
   expected = {"bae_d24": (65_530_654, 337), "bae_d32": (65_534_758, 337), "bae_d32_512": (61_328_166, 297)}
   for name, (count, num_keys) in expected.items():
     config = tokenizer.TokenizerConfig.from_config(_load_config_file(name)().model)
-    assert count_params(tokenizer.param_shapes(config)) == count, name
+    assert trees.count_params(tokenizer.param_shapes(config)) == count, name
     specs = tw.tokenizer_specs(config)
     assert len(specs) == num_keys and sum(int(np.prod(s[3])) for s in specs) == count, name
     local = tokenizer.TokenizerConfig.from_config(_load_config_file(name)("runlocal").model)
