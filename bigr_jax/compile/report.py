@@ -38,10 +38,11 @@ from typing import Callable, Optional
 import jax
 
 from bigr_jax import chips, files, parallel
-from bigr_jax.compile import hlo
+from bigr_jax.compile import hlo, traffic
 from bigr_jax.config_sections import CompileConfig
 
 GiB = 2.0 ** 30
+TOP_GROUPS = 4  # HBM traffic groups per program in the table (compile.json has them all)
 
 
 class DoesNotFit(RuntimeError):
@@ -61,16 +62,19 @@ def cost_analysis(compiled) -> dict:
 
 @dataclasses.dataclass
 class Figures:
-  """What the compiler says of one program, per chip."""
+  """What the compiler says of one program, per chip: its counters, its collectives and where its HBM traffic
+  goes (`traffic.breakdown`)."""
   flops: float
   bytes_accessed: float
   collectives: dict
+  hbm_traffic: dict
 
   @classmethod
   def of(cls, compiled, num_devices: int) -> "Figures":
     cost = cost_analysis(compiled)
+    text = compiled.as_text()
     return cls(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-               hlo.collectives(compiled.as_text(), num_devices))
+               hlo.collectives(text, num_devices), traffic.breakdown(text))
 
   def extrapolated(self, two: "Figures", blocks: int) -> "Figures":
     """From this program at 1 block and `two` at 2 blocks: the figures at `blocks` blocks."""
@@ -79,7 +83,8 @@ class Figures:
     zero = {"count": 0, "bytes": 0.0}
     return Figures(scale(self.flops, two.flops), scale(self.bytes_accessed, two.bytes_accessed),
                    {k: {f: scale(self.collectives.get(k, zero)[f], two.collectives.get(k, zero)[f]) for f in zero}
-                    for k in kinds})
+                    for k in kinds},
+                   traffic.extrapolated(self.hbm_traffic, two.hbm_traffic, blocks))
 
 
 @dataclasses.dataclass
@@ -100,6 +105,8 @@ def _memory(compiled) -> dict:
 
 
 def _bounds(figures: Figures, flops: float, chip: Optional[chips.Chip]) -> dict:
+  """Lower bounds on the step time, with the raw counter's HBM bound (`hbm_s`, `step_s`, `mfu_upper_bound`) and the
+  estimate's (`hbm_estimate_s`, `step_estimate_s`, `mfu_upper_bound_by_estimate`) side by side."""
   if chip is None:
     return {}
   sent = sum(entry["bytes"] for entry in figures.collectives.values())
@@ -107,6 +114,10 @@ def _bounds(figures: Figures, flops: float, chip: Optional[chips.Chip]) -> dict:
             "interconnect_s": sent / chip.interconnect_bytes_per_s if chip.interconnect_bytes_per_s else None}
   step = max(v for v in bounds.values() if v is not None)
   bounds.update(step_s=step, mfu_upper_bound=bounds["compute_s"] / step if step > 0 else None)
+  estimate = figures.hbm_traffic["hbm_bytes"] / chip.hbm_bytes_per_s
+  step = max(v for v in (bounds["compute_s"], estimate, bounds["interconnect_s"]) if v is not None)
+  bounds.update(hbm_estimate_s=estimate, step_estimate_s=step,
+                mfu_upper_bound_by_estimate=bounds["compute_s"] / step if step > 0 else None)
   return bounds
 
 
@@ -138,7 +149,8 @@ def analyse(program: Program, devices: list) -> dict:
                       "compiled_over_analytic": (round(figures.flops / program.analytic_flops, 4)
                                                  if program.analytic_flops else None),
                       "loop_bodies_once": program.loop_bodies_once},
-      bytes_accessed_per_chip=figures.bytes_accessed, pallas_kernels=kernels,
+      bytes_accessed_per_chip=figures.bytes_accessed, hbm_traffic_per_chip=figures.hbm_traffic,
+      pallas_kernels=kernels,
       collectives={k: {"count": int(round(v["count"])), "bytes": v["bytes"]} for k, v in sorted(figures.collectives.items())},
       bounds=_bounds(figures, flops, chip))
 
@@ -183,7 +195,7 @@ def table(report: dict) -> str:
   rows = [f"{report['family']} on {report['topology']} ({report['chips']} x {report['device_kind']}), "
           f"mesh {report['mesh']}"]
   rows.append(f"{'program':<11} {'batch':>6} {'peak GiB':>9} {'of':>6} {'fits':>5} {'TFLOP/chip':>11} "
-              f"{'compute s':>10} {'HBM s':>9} {'ICI s':>9} {'MFU <=':>7}")
+              f"{'compute s':>10} {'HBM s':>9} {'HBM est s':>9} {'ICI s':>9} {'MFU <=':>7} {'(est)':>6}")
   for r in report["programs"]:
     if "hbm_bytes" not in r:
       rows.append(f"{r['program']:<11} {r['global_batch']:>6} {'':>9} {'':>6} {'no':>5}  {r['compiler_error']}")
@@ -194,8 +206,13 @@ def table(report: dict) -> str:
     rows.append(f"{r['program']:<11} {r['global_batch']:>6} {r['hbm_bytes']['peak'] / GiB:>9.3f} "
                 f"{fmt(capacity, '6.2f'):>6} {'yes' if r['fits'] else 'no':>5} "
                 f"{(flops['analytic'] or flops['compiled']) / 1e12:>11.4f} {fmt(b.get('compute_s'), '10.4g'):>10} "
-                f"{fmt(b.get('hbm_s'), '9.3g'):>9} {fmt(b.get('interconnect_s'), '9.3g'):>9} "
-                f"{fmt(b.get('mfu_upper_bound'), '7.2f'):>7}")
+                f"{fmt(b.get('hbm_s'), '9.3g'):>9} {fmt(b.get('hbm_estimate_s'), '9.3g'):>9} "
+                f"{fmt(b.get('interconnect_s'), '9.3g'):>9} {fmt(b.get('mfu_upper_bound'), '7.2f'):>7} "
+                f"{fmt(b.get('mfu_upper_bound_by_estimate'), '6.2f'):>6}")
+  for r in report["programs"]:  # where each program's estimated HBM traffic goes: its largest groups
+    top = list(r.get("hbm_traffic_per_chip", {}).get("by_source", {}).items())[:TOP_GROUPS]
+    if top:
+      rows.append(f"  {r['program']} HBM (estimate, GB): " + "; ".join(f"{g} {b / 1e9:.3g}" for g, b in top))
   rows.extend(f"  to fit: {s}" for s in report["suggestions"])
   return "\n".join(rows)
 
