@@ -8,7 +8,8 @@ Each (config, slice) is one `python -m bigr_jax.main --mode=compile` in a subpro
 host, nothing allocated), at the config's own batch and mesh (`--set` adds overrides to every run, e.g.
 --set=--config.mesh.fsdp=-1,--config.mesh.data=1). From its report, per slice:
 - per-chip HBM peak and whether it fits; the compute, HBM and interconnect bounds of one train step, and the
-  resulting upper bound on MFU;
+  resulting upper bound on MFU, with the HBM bound both from the compiler's raw counter and from the estimate of
+  the bytes that cross HBM (`bigr_jax/compile/traffic.py`), and where that estimate goes;
 - chip-hours per ImageNet epoch (1,281,167 images) at that bound;
 - for generators, the sampler at the config's sample settings (BiGR-L: 20 iterations, cfg 2.5, 100
   diffusion steps): images/s per chip at its bound, and chip-hours for FID-50k.
@@ -47,7 +48,10 @@ def plan(report: dict) -> dict:
       continue
     bounds = program["bounds"]
     entry = dict(fits=program["fits"], hbm_peak_gib=round(program["hbm_bytes"]["peak"] / 2 ** 30, 3),
-                 **{k: bounds[k] for k in ("compute_s", "hbm_s", "interconnect_s", "step_s", "mfu_upper_bound")})
+                 **{k: bounds[k] for k in ("compute_s", "hbm_s", "interconnect_s", "step_s", "mfu_upper_bound",
+                                           "hbm_estimate_s", "step_estimate_s", "mfu_upper_bound_by_estimate")},
+                 hbm_estimate_gb_by_source={g: round(b / 1e9, 3) for g, b in
+                                            program["hbm_traffic_per_chip"]["by_source"].items()})
     if name == "train_step":
       entry["chip_hours_per_imagenet_epoch"] = IMAGENET_TRAIN / program["global_batch"] * bounds["step_s"] * chips / 3600
     if name == "sample":

@@ -1,6 +1,7 @@
 """`--mode=compile`: the run's programs compiled for real TPU topologies by libtpu's compiler, on this CPU host."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -165,42 +166,21 @@ def test_a_tokenizer_that_does_not_fit_is_told_to_remat_its_blocks():
   assert not any("remat" in s for s in tokenizer_family.fit_suggestions(config, mesh))
 
 
-M = 2 ** 20
-# Programs whose least HBM traffic is known: (function, argument shapes and dtypes, bytes it must read and write).
-TOYS = {
-    "elementwise chain": (lambda x: jax.numpy.sin(x) * 2 + 1, [((16 * M,), "float32")], 2 * 16 * M * 4),
-    "adamw-style update": (lambda p, g, m, v: (p - 1e-3 * m / (jax.numpy.sqrt(v) + 1e-8) - 1e-5 * p,
-                                               0.9 * m + 0.1 * g, 0.95 * v + 0.05 * g * g),
-                           [((4 * M,), "float32")] * 4, 7 * 4 * M * 4),
-    "a slice of a large array": (lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, 1024) * 2,
-                                 [((65536, 1024), "bfloat16"), ((), "int32")], 2 * 1024 * 1024 * 2),
-    "matmul": (lambda a, b: a @ b, [((4096, 4096), "bfloat16")] * 2, 3 * 4096 * 4096 * 2),
-    # A float32 weight used twice: the compiler prefetches it into on-chip memory for the second use.
-    "prefetched weight": (lambda w, x: (jax.numpy.sum(jax.nn.gelu(x.astype("bfloat16") @ w.astype("bfloat16"))),
-                                        w * 0.9), [((1024, 2816), "float32"), ((2048, 1024), "float32")],
-                          3 * 1024 * 2816 * 4 + 2048 * 1024 * 4 + 2),  # + the bfloat16 sum
-}
-
 
 def test_the_hbm_estimate_meets_the_least_traffic_of_known_programs_where_the_raw_counter_exceeds_it():
-  """One chip of v5e:2x2. The raw counter charges the matmul's tiles and the prefetched weight's on-chip copies
-  (2.3x and 2.1x their least traffic); the estimate meets the least traffic of every toy."""
+  """benchmarks/hbm_counter.py's toys on one chip of v5e:2x2. The raw counter charges the matmul's tiles and the
+  prefetched weight's on-chip copies (over twice their least traffic); the estimate meets the least traffic of
+  every toy, and its parts name what each moves."""
   _needs_libtpu()
-  device = chips.target_devices(config_sections.CompileConfig(topology="v5e:2x2"))[0]
-  one = jax.sharding.SingleDeviceSharding(device)
-  ratios = {}
-  for name, (function, shapes, least) in TOYS.items():
-    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=one) for shape, dtype in shapes]
-    compiled = jax.jit(function).lower(*args).compile()
-    figures = report.Figures.of(compiled, 1)
-    estimate = figures.hbm_traffic["hbm_bytes"]
-    for grouping in ("by_source", "by_kind"):
-      assert sum(figures.hbm_traffic[grouping].values()) == estimate, (name, figures.hbm_traffic)
-    ratios[name] = (round(figures.bytes_accessed / least, 2), round(estimate / least, 3))
-    if name == "prefetched weight":  # its parts: the weight's one read into on-chip memory, and the arithmetic
-      weight = 1024 * 2816 * 4
-      assert figures.hbm_traffic["by_kind"] == {"arithmetic (fusions and unfused ops)": least - weight,
-                                                "data movement: copy": weight}, figures.hbm_traffic
-  assert {name: estimate for name, (_, estimate) in ratios.items()} == dict.fromkeys(TOYS, 1.0), ratios
-  assert ratios["matmul"][0] > 2 and ratios["prefetched weight"][0] > 2, ratios
-  assert all(counter >= 1.0 for counter, _ in ratios.values()), ratios
+  spec = importlib.util.spec_from_file_location("hbm_counter", os.path.join(ROOT, "benchmarks", "hbm_counter.py"))
+  hbm_counter = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hbm_counter)
+  toys = hbm_counter.measure()
+  assert {name: toy["estimate"] for name, toy in toys.items()} == dict.fromkeys(hbm_counter.TOYS, 1.0), toys
+  assert toys["matmul"]["counter"] > 2 and toys["prefetched weight"]["counter"] > 2, toys
+  assert all(toy["counter"] >= 1.0 for toy in toys.values()), toys
+  for name, toy in toys.items():  # the parts sum to the whole
+    assert sum(toy["estimate_by_kind"].values()) == pytest.approx(toy["estimate"] * toy["least_bytes"], rel=1e-3)
+  weight, least = hbm_counter.PREFETCHED_WEIGHT, toys["prefetched weight"]["least_bytes"]
+  assert toys["prefetched weight"]["estimate_by_kind"] == {  # the weight's one read into on-chip memory, and the rest
+      "arithmetic (fusions and unfused ops)": least - weight, "data movement: copy": weight}
