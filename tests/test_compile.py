@@ -64,8 +64,10 @@ def test_every_program_compiles_for_a_tpu_topology_and_fits(tmp_path, config, to
     assert bounds["step_estimate_s"] <= bounds["step_s"] and bounds["mfu_upper_bound_by_estimate"] <= 1
   train = report["programs"][0]
   if programs[0] == "train_step" and config == GENERATOR:  # the step's parts, named by the model's modules
-    assert {"the step outside the model: optimizer, EMA, clipping", "backward: trunk block: feed-forward",
-            "forward: trunk block: attention", "backward: transcoder"} <= set(train["hbm_traffic_per_chip"]["by_source"])
+    groups = set(train["hbm_traffic_per_chip"]["by_source"])
+    assert {"outside the model (the optimizer, EMA and clipping; the sampler's own loop)",
+            "backward: trunk block: feed-forward", "forward: trunk block: attention"} <= groups, groups
+    assert any(group.endswith(": transcoder") for group in groups), groups
   assert train["collectives"], "a data-parallel step reduces its gradients over the chips"
   # Splash attention is the Pallas kernel on TPU, once in the scanned block: forward, in training dq and dkv too.
   kernels = {p["program"]: p["pallas_kernels"] for p in report["programs"]}

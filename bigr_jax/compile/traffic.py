@@ -213,7 +213,7 @@ def source_of(row: Row) -> str:
     return f"data movement: {row.target or row.opcode}"
   path = row.op_name
   if "BiGR" not in path and "BinaryAutoEncoder" not in path:
-    return "the step outside the model: optimizer, EMA, clipping"
+    return "outside the model (the optimizer, EMA and clipping; the sampler's own loop)"
   phase = "backward" if "transpose(" in path else "forward"
   for part, group in (("/attention/", "trunk block: attention"), ("/feed_forward/", "trunk block: feed-forward"),
                       ("/layers_", "trunk block: norms and adaLN"), ("denoise", "transcoder"),
