@@ -28,7 +28,7 @@ from PIL import Image
 
 from bigr_jax import artifacts, config_sections, families, images as images_lib, parallel, typed_config
 from bigr_jax.data.transforms import center_crop_arr
-from bigr_jax.sampling import editing, drawing
+from bigr_jax.sampling import drawing, editing
 
 FLAGS = flags.FLAGS
 
@@ -140,7 +140,8 @@ class Session:
     return int(ids[0])
 
   @staticmethod
-  def sampler_settings(base: config_sections.SamplerConfig, num_iter, cfg_scale, gumbel_temp) -> config_sections.SamplerConfig:
+  def sampler_settings(base: config_sections.SamplerConfig, num_iter, cfg_scale,
+                       gumbel_temp) -> config_sections.SamplerConfig:
     return base.replace(num_iter=_number(num_iter, "iterations", int, 1),
                         cfg_scale=_number(cfg_scale, "cfg scale", low=0),
                         gumbel_temp=_number(gumbel_temp, "gumbel temperature", low=0))

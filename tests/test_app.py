@@ -225,6 +225,16 @@ def test_the_app_without_weights_is_one_line_before_serving(tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith(f"error: no weights at {tmp_path / 'generator'}")
 
 
+def test_a_tokenizer_config_is_one_line_before_serving(tmp_path):
+  """The app asks the config's family what it samples with; the B-AE's family has no generator."""
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.app", "--config=configs/bae_d24.py:runlocal",
+                           f"--workdir={tmp_path}", f"--port={_free_port()}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and "serving on" not in result.stdout
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: the web app samples with a generator: this is a tokenizer config; give a generator or demo config")
+
+
 def test_a_generator_config_on_released_weights(tmp_path):
   """The app's session on a generator config whose weights are released-layout PyTorch files (a generator .pt in
   the "ema" wrapper, a B-AE .th), loaded the way --mode=sample loads them; a repeated request compiles nothing."""
