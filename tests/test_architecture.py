@@ -125,6 +125,23 @@ def test_loading_every_config_file_imports_only_configuration():
                     "bigr_jax.config_lib", "bigr_jax.models", "bigr_jax.models.config"}, loaded
 
 
+def _keys(section, prefix="") -> set:
+  return {key for name, value in section.items()
+          for key in (_keys(value, f"{prefix}{name}.") if hasattr(value, "items") else {f"{prefix}{name}"})}
+
+
+def test_every_config_file_starts_from_its_family_base_config():
+  """What a family declares as its base config is what its config files build on: they hold every field of it."""
+  bases = {"generator": families.FAMILIES["generator"].base_config(),
+           "tokenizer": families.FAMILIES["tokenizer"].base_config(bits=24, image_size=256, total_steps=0)}
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    config = typed_config.load_config_file(str(path))
+    stages = [config.tokenizer, config.generator] if config.family == "demo" else [config]
+    for stage in stages:
+      missing = _keys(bases[stage.family]) - _keys(stage)
+      assert not missing, (path.name, stage.family, sorted(missing)[:5])
+
+
 def test_a_mode_added_to_a_family_is_dispatched_by_main_with_nothing_else_changed(tmp_path, monkeypatch):
   """The family's `modes` is the one place: main's dispatch, its mode list and its errors follow it."""
   calls = []

@@ -163,7 +163,6 @@ def _fused_reads(computations: dict, fused: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  computation: str
   name: str
   opcode: str
   op_name: str
@@ -199,7 +198,7 @@ def rows(hlo_text: str) -> list:
         hbm = sum(sliced.get(i, b.bytes) for i, buffers in enumerate(operands) for b in buffers if not b.on_chip)
         hbm += sum(b.bytes for b in ins.outputs if not b.on_chip)
       target = re.search(r'custom_call_target="([^"]+)"', ins.attributes)
-      out.append(Row(computation, ins.name, ins.opcode, ins.op_name, target.group(1) if target else "", hbm))
+      out.append(Row(ins.name, ins.opcode, ins.op_name, target.group(1) if target else "", hbm))
   return out
 
 
@@ -248,8 +247,9 @@ def breakdown(hlo_text: str) -> dict:
 
 
 def extrapolated(one: dict, two: dict, blocks: int) -> dict:
-  """From a program's breakdown at 1 block and at 2 blocks: the breakdown at `blocks` blocks (every group by
-  the same per-block difference, so the groups still sum to the total)."""
+  """From a program's breakdown at 1 block and at 2 blocks: the breakdown at `blocks` blocks, each group by its
+  own per-block difference (so the groups still sum to the total, and one that does not grow with depth may come
+  out slightly negative from the two compiles' differences)."""
   scale = lambda a, b: a + (blocks - 1) * (b - a)  # noqa: E731
   grouped = {key: {g: scale(one[key].get(g, 0), two[key].get(g, 0)) for g in set(one[key]) | set(two[key])}
              for key in ("by_source", "by_kind")}

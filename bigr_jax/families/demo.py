@@ -209,7 +209,8 @@ def run_stages(config, workdir) -> dict:
 
 
 def check(config) -> None:
-  """Each stage's check (`families.tokenizer.check`, `families.generator.check`), before any work."""
+  """Each stage's check (`families.tokenizer.check`, `families.generator.check`), before any work. The demo has no
+  base config of its own: configs/demo.py composes the tokenizer's and the generator's."""
   tokenizer_family.check(config.tokenizer)
   generator_family.check(config.generator)
 

@@ -17,9 +17,6 @@ from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling import drawing, sampler
 from bigr_jax.train import generator_trainer
 
-base_config = config_lib.base_generator_config  # what configs/bigr_*.py start from
-
-
 def check(config) -> None:
   """The model's fields, the loop's counts and the optimizer; a released `hf://` file named for a model it does
   not fit (weights, evaluation params, the B-AE where its config file is named), before anything is downloaded."""
@@ -141,4 +138,5 @@ FAMILY = Family(
                         compile_mode),
     },
     check=check,
+    base_config=config_lib.base_generator_config,
     generator_stage=lambda config, workdir: (config, workdir, None))

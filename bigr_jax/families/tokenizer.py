@@ -13,9 +13,6 @@ from bigr_jax.models.config import TokenizerConfig
 from bigr_jax.models.lpips import LPIPS
 from bigr_jax.train import tokenizer_trainer
 
-base_config = config_lib.base_tokenizer_config  # what configs/bae_*.py start from
-
-
 def check(config) -> None:
   """The model's fields, the loop's counts and the optimizers; a released `hf://` file named for a model it does
   not fit (init_from, the weights --mode=encode encodes with), before anything is downloaded."""
@@ -67,4 +64,5 @@ FAMILY = Family(
         "compile": Mode("compile the train step for config.compile's chips (a TPU topology, from any host): HBM, "
                         "FLOPs, collectives and time bounds per chip; exit 1 if it does not fit", compile_mode),
     },
-    check=check)
+    check=check,
+    base_config=config_lib.base_tokenizer_config)
