@@ -23,6 +23,8 @@ import dataclasses
 import math
 import re
 
+from bigr_jax.compile import hlo
+
 _DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
                 "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8,
                 "c128": 16, "token": 0}
@@ -34,7 +36,6 @@ _CALLED = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false
 MOVES_NOTHING = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all", "partition-id",
                  "replica-id", "opt-barrier", "iota"}
 SLICING = {"slice", "dynamic-slice", "gather"}
-PALLAS_TPU_CALL = "tpu_custom_call"  # a Pallas (Mosaic) kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +207,7 @@ def source_of(row: Row) -> str:
   """The group a row's bytes go to: the model part its op_name names (a trunk block's attention or
   feed-forward, the transcoder, the embeddings, the rest of the loss), the optimizer and EMA update (the step's
   own ops, outside the model), or, for what the compiler made, the kind of data movement."""
-  if row.target == PALLAS_TPU_CALL:
+  if row.target == hlo.PALLAS_TPU_CALL:
     return "attention kernels (Pallas)"
   if not row.op_name:
     return f"data movement: {row.target or row.opcode}"

@@ -17,6 +17,7 @@ from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling import drawing, sampler
 from bigr_jax.train import generator_trainer
 
+
 def check(config) -> None:
   """The model's fields, the loop's counts and the optimizer; a released `hf://` file named for a model it does
   not fit (weights, evaluation params, the B-AE where its config file is named), before anything is downloaded."""

@@ -13,6 +13,7 @@ from bigr_jax.models.config import TokenizerConfig
 from bigr_jax.models.lpips import LPIPS
 from bigr_jax.train import tokenizer_trainer
 
+
 def check(config) -> None:
   """The model's fields, the loop's counts and the optimizers; a released `hf://` file named for a model it does
   not fit (init_from, the weights --mode=encode encodes with), before anything is downloaded."""
