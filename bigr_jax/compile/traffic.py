@@ -206,11 +206,11 @@ def rows(hlo_text: str) -> list:
 def source_of(row: Row) -> str:
   """The group a row's bytes go to: the model part its op_name names (a trunk block's attention or
   feed-forward, the transcoder, the embeddings, the rest of the loss), the optimizer and EMA update (the step's
-  own ops, outside the model), or, for what the compiler made, the kind of data movement."""
+  own ops, outside the model), or, for an instruction the compiler made (no op_name), its opcode."""
   if row.target == hlo.PALLAS_TPU_CALL:
     return "attention kernels (Pallas)"
   if not row.op_name:
-    return f"data movement: {row.target or row.opcode}"
+    return f"made by the compiler: {row.target or row.opcode}"
   path = row.op_name
   if "BiGR" not in path and "BinaryAutoEncoder" not in path:
     return "outside the model (the optimizer, EMA and clipping; the sampler's own loop)"
