@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from PIL import Image
 
+from bigr_jax.config_sections import EditConfig, SamplerConfig
 from bigr_jax.data.transforms import center_crop_arr
-from bigr_jax.config_sections import EditConfig
 from bigr_jax.models.config import GeneratorConfig
-from bigr_jax.sampling.sampler import SampleOutput, SamplerConfig, check_labels, complete, generate
+from bigr_jax.sampling.sampler import SampleOutput, check_labels, complete, generate
 
 # The original apps' settings: apps/inpaint.py (script/app_{inpaint,outpaint,edit}.sh), apps/interpolate.py,
 # apps/enrich.py. Enrichment uses the null label, where CFG (scale 10 there) is a no-op, so it runs without
