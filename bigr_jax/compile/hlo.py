@@ -1,19 +1,36 @@
 """Reading a compiled program's HLO text: its collectives (and the bytes each chip sends for them) and its Pallas
-kernels. Pure text: nothing here compiles or imports a model."""
+kernels, and the arrays of a type with their bytes and memory space. Pure text: nothing here compiles or imports
+a model."""
 
+import dataclasses
 import math
 import re
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OP = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\((.*)$")
-_SHAPE = re.compile(r"\b(pred|[subf]\d+|bf16)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "bf16": 2}
+_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8,
+                "c128": 16, "token": 0}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](?:\{([^{}]*(?:\([^()]*\))*[^{}]*)\})?")
 PALLAS_TPU_CALL = "tpu_custom_call"  # a Pallas (Mosaic) kernel in TPU HLO; the compiler counts no FLOPs inside
 
 
-def _shape_bytes(dtype: str, dims: str) -> int:
-  size = _BYTES.get(dtype) or max(1, int(dtype[1:]) // 8)
-  return size * math.prod(int(d) for d in dims.split(",") if d)
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+  bytes: int
+  on_chip: bool  # in a memory space other than HBM's
+
+
+def buffers(type_text: str) -> list:
+  """The arrays of an HLO type (a tuple's, flattened), with their bytes and memory space."""
+  out = []
+  for dtype, dims, layout in _ARRAY.findall(type_text):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    space = re.search(r"S\((\d+)\)", layout or "")
+    out.append(Buffer(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d),
+                      bool(space and space.group(1) != "0")))
+  return out
 
 
 def _group_size(attributes: str, num_devices: int) -> int:
@@ -40,10 +57,10 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
     if not match:
       continue
     result_type, kind, started, attributes = match.groups()
-    shapes = _SHAPE.findall(result_type)
-    if started and len(shapes) > 1:  # an async start returns (operands, results): the results
-      shapes = shapes[len(shapes) // 2:]
-    result = sum(_shape_bytes(*s) for s in shapes)
+    arrays = buffers(result_type)
+    if started and len(arrays) > 1:  # an async start returns (operands, results): the results
+      arrays = arrays[len(arrays) // 2:]
+    result = sum(b.bytes for b in arrays)
     g = _group_size(attributes, num_devices)
     sent = {"all-gather": result * (g - 1) / g, "reduce-scatter": result * (g - 1),
             "all-reduce": 2 * result * (g - 1) / g, "all-to-all": result * (g - 1) / g,

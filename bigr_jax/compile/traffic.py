@@ -20,15 +20,10 @@ beside it. Pure text: nothing here compiles.
 
 import collections
 import dataclasses
-import math
 import re
 
 from bigr_jax.compile import hlo
 
-_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8,
-                "c128": 16, "token": 0}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\](?:\{([^{}]*(?:\([^()]*\))*[^{}]*)\})?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
 _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) ")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -36,23 +31,6 @@ _CALLED = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false
 MOVES_NOTHING = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all", "partition-id",
                  "replica-id", "opt-barrier", "iota"}
 SLICING = {"slice", "dynamic-slice", "gather"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Buffer:
-  bytes: int
-  on_chip: bool  # in a memory space other than HBM's
-
-
-def _buffers(type_text: str) -> list:
-  out = []
-  for dtype, dims, layout in _ARRAY.findall(type_text):
-    if dtype not in _DTYPE_BYTES:
-      continue
-    space = re.search(r"S\((\d+)\)", layout or "")
-    out.append(Buffer(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d),
-                      bool(space and space.group(1) != "0")))
-  return out
 
 
 def _closing(text: str, start: int) -> int:
@@ -92,7 +70,7 @@ class Instruction:
 
   @property
   def outputs(self) -> list:
-    return _buffers(self.type_text)
+    return hlo.buffers(self.type_text)
 
 
 def parse(hlo_text: str) -> dict:
@@ -171,11 +149,11 @@ class Row:
   hbm_bytes: int
 
 
-def _start_destination(ins: Instruction) -> Buffer:
+def _start_destination(ins: Instruction) -> hlo.Buffer:
   """What an async start fills: copy-start's result is (destination, source, context); the wrapped form of
   slice-start and the others is ((operands...), destination, context)."""
   elements = _top_level(ins.type_text)
-  return _buffers(elements[1] if elements[0].startswith("(") else elements[0])[0]
+  return hlo.buffers(elements[1] if elements[0].startswith("(") else elements[0])[0]
 
 
 def rows(hlo_text: str) -> list:
