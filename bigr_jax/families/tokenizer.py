@@ -60,8 +60,8 @@ FAMILY = Family(
     name="tokenizer",
     modes={
         "train": Mode("train (or resume) a model in the workdir", tokenizer_trainer.train_and_evaluate),
-        "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE", tokenizer_trainer.encode_dataset,
-                       overwrite=True),
+        "encode": Mode("bit codes of config.data (and of the flipped images) with a B-AE",
+                       tokenizer_trainer.encode_dataset, overwrite=True),
         "compile": Mode("compile the train step for config.compile's chips (a TPU topology, from any host): HBM, "
                         "FLOPs, collectives and time bounds per chip; exit 1 if it does not fit", compile_mode),
     },
