@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import os
 import threading
 import time
 from typing import Optional
@@ -61,6 +62,28 @@ def _number(value, name: str, kind=float, low=None, high=None):
 
 def _seed(value) -> int:
   return _number(value, "seed", int, 0, MAX_SEED)
+
+
+def _upload(path: str, what: str) -> Image.Image:
+  """An uploaded file as an image (uploads are files, so that one that is no image is a message, not gradio's
+  generic error)."""
+  try:
+    image = Image.open(path)
+    image.load()
+  except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated or damaged files
+    raise ValueError(f"{what} ({os.path.basename(path)}) is not an image PIL can read: upload a PNG or JPEG") from e
+  return image
+
+
+def _paintable(path: Optional[str]) -> Optional[str]:
+  """The uploaded picture for the canvas, or nothing if it is no image."""
+  if path is None:
+    return None
+  try:
+    _upload(path, "the picture")
+  except ValueError:
+    return None
+  return path
 
 
 def enlarge(images) -> np.ndarray:
@@ -159,20 +182,17 @@ class Session:
 
     return self._timed(work)
 
-  def picture(self, image: Optional[Image.Image]) -> np.ndarray:
+  def picture(self, image: Image.Image) -> np.ndarray:
     """An uploaded picture, checked to be RGB, center-cropped to the tokenizer's size, in [0, 1]."""
-    if image is None:
-      raise ValueError("upload a picture first (or load a held-out one)")
     image = images_lib.check_rgb(image, "the picture")
     return np.asarray(center_crop_arr(image, self.image_size), np.float32) / 255.0
 
   @staticmethod
-  def mask(picture: Image.Image, drawn: Optional[dict], uploaded: Optional[np.ndarray]) -> np.ndarray:
+  def mask(picture: Image.Image, drawn: Optional[dict], uploaded: Optional[str]) -> np.ndarray:
     """The region to regenerate as a mask image of the picture's size: the uploaded mask if given (white =
     regenerate), else what was painted on the picture (any painted pixel)."""
     if uploaded is not None:
-      mask = np.asarray(uploaded)
-      mask = mask[..., 0] if mask.ndim == 3 else mask
+      mask = np.asarray(_upload(uploaded, "the mask").convert("L"))
     else:
       layers = (drawn or {}).get("layers") or []
       if not layers:
@@ -212,6 +232,9 @@ class Session:
   def edit_picture(self, picture, drawn, uploaded_mask, task: str, target_class, num_iter, cfg_scale, gumbel_temp,
                    seed, clone: bool):
     """Results of inpaint / outpaint / class edit on the picture, and (with `clone`) the same cloned into it."""
+    if picture is None:
+      raise ValueError("upload a picture first (or load a held-out one)")
+    picture = _upload(picture, "the picture")
     image = self.picture(picture)
     mask = self.mask(picture, drawn, uploaded_mask)
     edit = dataclasses.replace(
@@ -293,13 +316,13 @@ def build_ui(session: Session) -> gr.Blocks:
 
     with gr.Tab("Edit"):
       with gr.Row():
-        picture = gr.Image(label="picture (RGB)", type="pil", image_mode=None, sources=["upload"],
+        picture = gr.Image(label="picture (RGB)", type="filepath", image_mode=None, sources=["upload"],
                            format="png", height=DISPLAY_SIZE * 2, elem_id="edit-picture")
         canvas = gr.ImageEditor(label="paint the region to regenerate (outpaint: to keep)", type="numpy", sources=[], transforms=[],
                                 layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed",
                                                                     default_size=max(1, session.image_size // 8)),
                                 elem_id="edit-canvas")
-        uploaded_mask = gr.Image(label="or upload a mask (white = regenerate; outpaint: keep)", type="numpy",
+        uploaded_mask = gr.Image(label="or upload a mask (white = regenerate; outpaint: keep)", type="filepath",
                                  image_mode="L", sources=["upload"], format="png", height=DISPLAY_SIZE * 2,
                                  elem_id="edit-mask")
       with gr.Row():
@@ -320,7 +343,7 @@ def build_ui(session: Session) -> gr.Blocks:
       edit_status = gr.Markdown(elem_id="edit-status")
 
       load.click(_guarded(session, session.held_out, 1), [held_out_index], [picture, edit_status])
-      picture.change(lambda image: image, [picture], [canvas])  # the picture becomes the canvas to paint on
+      picture.change(_paintable, [picture], [canvas])  # the picture becomes the canvas to paint on
       run_edit.click(_guarded(session, session.edit_picture, 3),
                      [picture, canvas, uploaded_mask, task, target, *edit_settings, clone],
                      [results, cloned, edit_strip, edit_status])

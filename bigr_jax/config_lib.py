@@ -49,8 +49,11 @@ def generator_model(size: str, bits: int, **overrides) -> ml_collections.ConfigD
   return typed_config.to_section(GeneratorConfig(binary_size=bits, **MODEL_SIZES[size], **overrides))
 
 
-POSITIVE_FIELDS = ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+POSITIVE_FIELDS = ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "peer_timeout_s")
 NON_NEGATIVE_FIELDS = ("total_steps", "num_epochs", "resume_step")
+# A multi-process job ends when a process sends no heartbeat for this long (bigr_jax.supervisor); a few minutes
+# outlast a slow checkpoint save or compile, which still send heartbeats, and bound a hung host's wait.
+PEER_TIMEOUT_S = 300.0
 
 
 def check_training_fields(c: ml_collections.ConfigDict) -> None:
@@ -83,6 +86,7 @@ def _training_fields(c: ml_collections.ConfigDict, family: str) -> None:
   c.keep_checkpoints = 3
   c.tensorboard = True
   c.peak_flops_per_device = 0.0  # bf16 FLOP/s of one chip for MFU; 0: from the device kind (bigr_jax.chips)
+  c.peer_timeout_s = PEER_TIMEOUT_S
 
 
 def base_generator_config() -> ml_collections.ConfigDict:

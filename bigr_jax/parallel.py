@@ -29,23 +29,32 @@ DEFAULT_RULES = (
 )
 
 
-def maybe_initialize_distributed() -> None:
+def several_processes() -> bool:
+  """Whether the environment makes this command one process of several (before JAX joins them)."""
+  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  return (int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or len(hosts) > 1
+          or int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+
+
+def maybe_initialize_distributed(peer_timeout_s: float = 300.0) -> None:
   """Joins the other processes of a multi-host run, before anything touches the devices.
 
   TPU pod slices (and SLURM) are detected by JAX itself. Elsewhere (GPU hosts, or several CPU processes on one
   machine) set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on
-  every process.
+  every process. A process that sends no heartbeat for `peer_timeout_s` (dead, hung, or cut off) ends every
+  other process: JAX aborts them, and `bigr_jax.supervisor` says which was lost.
   """
   if jax.distributed.is_initialized():
     return
+  timeout = {"heartbeat_timeout_seconds": max(1, round(peer_timeout_s))}
   if "JAX_NUM_PROCESSES" in os.environ:
     missing = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") if k not in os.environ]
     if missing:
       raise ValueError(f"JAX_NUM_PROCESSES is set but {', '.join(missing)} is not: set all three on every process")
     jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+                               process_id=int(os.environ["JAX_PROCESS_ID"]), **timeout)
   elif any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")):
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeout)
 
 
 def mesh_shape(sizes: Sequence[int], num_devices: int) -> Tuple[int, ...]:

@@ -20,6 +20,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.family = "demo"
   c.mode = "demo"
+  c.peer_timeout_s = config_lib.PEER_TIMEOUT_S  # on several processes: see bigr_jax/supervisor.py
 
   tok = config_lib.base_tokenizer_config(bits=16, image_size=256, total_steps=0, arg="runlocal")
   tok.total_steps = 600

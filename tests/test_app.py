@@ -200,6 +200,12 @@ def test_the_app_in_a_browser(quick_demo, tmp_path):
     page.upload("edit-picture", digit_path)
     page.upload("edit-mask", black)
     assert page.run("edit-run", "edit-status").startswith("Error: the mask is empty")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("a text file named like a picture")
+    page.upload("edit-mask", not_an_image)
+    assert page.run("edit-run", "edit-status").startswith("Error: the mask (notes.png) is not an image")
+    page.upload("edit-picture", not_an_image)
+    assert page.run("edit-run", "edit-status").startswith("Error: the picture (notes.png) is not an image")
     page.screenshot("edit-error")
 
     # Interpolate between two classes.

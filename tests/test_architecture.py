@@ -16,14 +16,14 @@ from conftest import ROOT
 # docs/architecture.md's table, from the bottom up: a module may import its own layer and the ones below.
 LAYERS = [
     ("configuration", ["typed_config", "config_sections", "config_lib", "models.config"]),
-    ("foundations", ["files", "platforms", "workdir_lock", "trees", ""]),
+    ("foundations", ["files", "console", "platforms", "workdir_lock", "trees", ""]),
     ("models", ["models"]),
     ("devices", ["parallel", "chips"]),
     ("data and weight files", ["data", "weights", "images"]),
     ("loading", ["hub", "artifacts"]),
     ("work", ["train", "sampling", "evaluation", "compile"]),
     ("families", ["families"]),
-    ("commands", ["main", "app", "convert"]),
+    ("commands", ["main", "supervisor", "app", "convert"]),
 ]
 WORK = ("train", "sampling", "evaluation", "compile")
 
@@ -132,8 +132,8 @@ def _keys(section, prefix="") -> set:
 
 def test_every_config_file_starts_from_its_family_base_config():
   """What a family declares as its base config is what its config files build on: they hold every field of it."""
-  bases = {"generator": families.FAMILIES["generator"].base_config(),
-           "tokenizer": families.FAMILIES["tokenizer"].base_config(bits=24, image_size=256, total_steps=0)}
+  bases = {"generator": families.family("generator").base_config(),
+           "tokenizer": families.family("tokenizer").base_config(bits=24, image_size=256, total_steps=0)}
   for path in sorted((ROOT / "configs").glob("*.py")):
     config = typed_config.load_config_file(str(path))
     stages = [config.tokenizer, config.generator] if config.family == "demo" else [config]
@@ -145,7 +145,7 @@ def test_every_config_file_starts_from_its_family_base_config():
 def test_a_mode_added_to_a_family_is_dispatched_by_main_with_nothing_else_changed(tmp_path, monkeypatch):
   """The family's `modes` is the one place: main's dispatch, its mode list and its errors follow it."""
   calls = []
-  generator = families.FAMILIES["generator"]
+  generator = families.family("generator")
   monkeypatch.setitem(generator.modes, "hello", Mode("say hello", lambda config, workdir: calls.append(workdir)))
   config = typed_config.load_config_file(str(ROOT / "configs" / "bigr_l.py:runlocal"))
   assert "hello" in families.mode_names()

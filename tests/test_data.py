@@ -217,12 +217,12 @@ def test_image_folder_truncated_jpeg_is_bad(tmp_path):
     data.decode_image(buf.getvalue()[:len(buf.getvalue()) // 2], "x.jpg")
 
 
-def test_image_folder_skip_mode_is_deterministic_and_counted(image_folder, caplog):
+def test_image_folder_skip_mode_is_deterministic_and_counted(image_folder, capsys):
   source = data.ImageFolderSource(str(image_folder / "train"), on_bad_image="skip", min_image_size=8)
-  with caplog.at_level("WARNING"):
-    record = source[2]  # corrupt -> the next record (a_rgba.png)
-  assert "Skipping bad image" in caplog.text and "c_corrupt.jpg" in caplog.text
-  assert "set on_bad_image" not in caplog.text  # skip is on already: no advice to turn it on
+  record = source[2]  # corrupt -> the next record (a_rgba.png)
+  warned = capsys.readouterr().err  # on the console, whatever the log settings
+  assert warned.startswith("warning: skipping bad image") and "c_corrupt.jpg" in warned
+  assert "set on_bad_image" not in warned  # skip is on already: no advice to turn it on
   assert int(record["skipped"]) == 1 and int(record["label"]) == 1
   np.testing.assert_array_equal(record["image"], source[3]["image"])
   record = source[6]  # too small -> e_nested.png
@@ -472,18 +472,46 @@ def test_iterator_state_save_restore():
   assert json.loads(state.decode())["last_seen_indices"]
 
 
-def test_per_host_batches_are_disjoint_shards():
-  source = data.DigitsSource("test", image_size=8)
-  seen = []
-  for host in range(2):
-    loader = data.make_loader(source, global_batch_size=16, seed=0, num_epochs=1, transforms=[],
-                              process_index=host, process_count=2)
-    batches = list(loader)
-    assert all(b["image"].shape[0] == 8 for b in batches)
-    assert len(batches) == (len(source) // 2) // 8
-    seen.append({b["image"][i].tobytes() + b["label"][i].tobytes() for b in batches for i in range(8)})
-  assert not seen[0] & seen[1]
-  assert data.per_host_batch_size(256, 4) == 64
+class _Indices:
+  """A source whose records are their own indices."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return {"index": np.int64(i)}
+
+
+def _epochs_by_host(process_count: int, num_epochs: int = 2) -> list:
+  """Per host, the record indices it reads in each of `num_epochs` epochs of a 96-record source, global batch 16."""
+  per_host = []
+  for host in range(process_count):
+    loader = data.make_loader(_Indices(96), global_batch_size=16, seed=3, num_epochs=num_epochs, transforms=[],
+                              process_index=host, process_count=process_count)
+    batches = [b["index"] for b in loader]
+    assert all(len(b) == 16 // process_count for b in batches)
+    steps_per_epoch = len(batches) // num_epochs
+    assert steps_per_epoch == 96 // 16  # every host takes the same number of steps as one host would
+    per_host.append([np.concatenate(batches[e * steps_per_epoch:(e + 1) * steps_per_epoch]) for e in range(num_epochs)])
+  return per_host
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+def test_hosts_read_disjoint_shards_whose_union_is_what_one_host_reads(process_count):
+  hosts = _epochs_by_host(process_count)
+  one_host = _epochs_by_host(1)[0]
+  for epoch in range(2):
+    reads = [host[epoch] for host in hosts]
+    union = np.concatenate(reads)
+    assert len(set(union.tolist())) == len(union)  # disjoint, and no host reads a record twice in an epoch
+    assert sorted(union.tolist()) == sorted(one_host[epoch].tolist()) == list(range(96))
+  assert not np.array_equal(hosts[0][0], hosts[0][1])  # reshuffled each epoch
+  if process_count > 1:  # each host shuffles its own shard: the same records, in other steps than one host's
+    first_step = np.concatenate([host[0][:16 // process_count] for host in hosts])
+    assert sorted(first_step.tolist()) != sorted(one_host[0][:16].tolist())
 
 
 def test_loader_errors():

@@ -257,3 +257,27 @@ def test_each_kind_of_damage_falls_back_with_one_line_naming_the_file(tmp_path, 
   assert "set aside as" in out and (tmp_path / "checkpoints" / "4.unreadable").is_dir()
   assert "tensorstore_spec" not in out and "Event loop is closed" not in out + err, (out + err)[-3000:]
   assert len((out + err).strip().splitlines()) <= 3, out + err
+
+
+def test_a_library_error_is_one_line_and_its_trace_is_in_the_log(tmp_path):
+  """An unreadable image reaches main through grain (a 50-line traceback that ends with grain's own note): one line
+  names the image and the log, which holds the trace; --verbose shows it."""
+  for i in range(4):
+    path = tmp_path / "images" / "train" / f"class{i % 2}" / f"{i}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a png")
+  workdir = tmp_path / "bae"
+  command = ("--config=configs/bae_d24.py:runlocal", f"--workdir={workdir}", "--config.data.name=folder",
+             f"--config.data.data_dir={tmp_path / 'images'}", "--config.data.eval_split=train",
+             "--config.batch_size=4", "--config.tensorboard=False")
+  result = _main(*command, devices=1)
+  out = result.stdout + result.stderr
+  log = workdir / "logs" / "train.process_0.log"
+  assert result.returncode == 1 and out.strip().splitlines()[-1] == result.stdout.strip().splitlines()[-1], out
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith(f"error: bad image {tmp_path / 'images' / 'train' / 'class0'}") and str(log) in last, last
+  assert "Traceback" not in out and "For simplicity" not in out and len(out.splitlines()) < 5, out[-3000:]
+  assert "Traceback" in log.read_text() and "BadImageError" in log.read_text()
+
+  verbose = _main(*command, "--verbose", devices=1)
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "BadImageError" in verbose.stderr

@@ -4,13 +4,18 @@ and the tokenizer alike."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 
+from bigr_jax import supervisor
+from bigr_jax.weights import params_io
 from conftest import write_released_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +27,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def on_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runlocal") -> list:
-  """`python -m bigr_jax.main ARGV` as 2 processes of 4 CPU devices each (a (2, 2, 2) mesh); their outputs."""
+def start_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runlocal") -> list:
+  """Starts `python -m bigr_jax.main ARGV` as 2 processes of 4 CPU devices each (a (2, 2, 2) mesh), each in its
+  own process group (a host: the command and the worker it starts)."""
   port = free_port()
   procs = []
   for process_id in range(2):
@@ -33,7 +39,13 @@ def on_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runlocal")
     cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/{config}", f"--workdir={workdir}",
            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *argv]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
+                                  text=True, start_new_session=True))
+  return procs
+
+
+def on_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runlocal") -> list:
+  """`python -m bigr_jax.main ARGV` as 2 processes of 4 CPU devices each; their outputs."""
+  procs = start_two_processes(workdir, *argv, config=config)
   outputs = []
   for proc in procs:
     out, _ = proc.communicate(timeout=600)
@@ -98,3 +110,78 @@ def test_two_processes_train_a_tokenizer_together(tmp_path):
   assert [m["step"] for m in logged] == [2, 4] and logged[-1]["d_loss"] > 0  # the discriminator trained
   assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == ["step_0000002.png", "step_0000004.png"]
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
+
+
+def _read_until(proc, prefix: str) -> list:
+  """Lines of `proc`'s output up to the first that starts with `prefix`."""
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(prefix):
+      return lines
+  raise AssertionError(f"{prefix!r} never came:\n{''.join(lines)[-3000:]}")
+
+
+def _lost_peer(workdir, host_lost: int, how: signal.Signals, resume_at: int) -> int:
+  """Trains on 2 processes until both have passed step `resume_at`'s checkpoint, then sends `how` to one host
+  (its command and worker); returns the step the other host's last line names, after checking that line."""
+  procs = start_two_processes(workdir, "--mode=train", "--config.total_steps=100000", "--config.log_every=2",
+                              "--config.checkpoint_every=2", "--config.tensorboard=False",
+                              f"--config.peer_timeout_s={PEER_TIMEOUT_S}")
+  try:
+    _read_until(procs[0], f"step {resume_at + 2}/")
+    os.killpg(procs[host_lost].pid, how)
+    sent = time.monotonic()
+    survivor = procs[1 - host_lost]
+    out, _ = survivor.communicate(timeout=PEER_TIMEOUT_S + 90)
+    waited = time.monotonic() - sent
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+  last = out.strip().splitlines()[-1]
+  assert survivor.returncode == 1 and waited < PEER_TIMEOUT_S + 60, (waited, out[-3000:])
+  lost = "process 1 (no heartbeat" if host_lost == 1 else "the coordinator, process 0"
+  assert last.startswith(f"error: process {1 - host_lost} stopped: lost {lost}"), out[-3000:]
+  assert "Traceback" not in out and "Check failure" not in out, out[-3000:]  # JAX's abort is in the log only
+  step = int(last.split("The last good checkpoint is step ")[1].split()[0])
+  assert step >= resume_at and f"logs/train.process_{1 - host_lost}.log" in last
+  assert "Terminating process" in (workdir / "logs" / f"train.process_{1 - host_lost}.log").read_text()
+  return step
+
+
+PEER_TIMEOUT_S = 10
+
+
+def test_a_hung_or_dead_peer_ends_the_others_with_one_line_and_the_run_resumes(tmp_path):
+  """A host that hangs (SIGSTOP: JAX's heartbeats stop) or dies (SIGKILL, the coordinator's host) ends the other
+  within the peer timeout, with one line naming the lost process and the last good checkpoint, which resumes."""
+  workdir = tmp_path / "run"
+  step = _lost_peer(workdir, host_lost=1, how=signal.SIGSTOP, resume_at=2)
+  resumed = train_on_two_processes(workdir, step + 2)
+  assert f"resumed from step {step}" in resumed[0] and progress_steps(resumed[0])[-1] == f"{step + 2}/{step + 2}"
+  # Resumed after the hang, the run ends where an uninterrupted one does, bit for bit.
+  train_on_two_processes(tmp_path / "uninterrupted", step + 2)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
+                         params_io.train_state(tmp_path / "uninterrupted"))
+  _lost_peer(workdir, host_lost=0, how=signal.SIGKILL, resume_at=step + 2)
+
+
+@pytest.mark.parametrize("log, lost", [
+    # what the coordination service (process 0) logs when a process stops sending heartbeats
+    ("E1207 coordination_service.cc:1549] Use error polling to propagate the following error to all tasks: "
+     "UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\nThe tasks have crashed.",
+     "process 1 (no heartbeat"),
+    ("Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 3 heartbeat timeout. This indicates",
+     "process 3 (no heartbeat"),
+    # what another process logs when the coordinator's host is gone or hung
+    ("F1207 client.h:80] Terminating process because the JAX distributed service detected fatal errors.\n"
+     "RPC: /xla.coordination.CoordinationService/Heartbeat", "the coordinator, process 0"),
+    ("Additional GRPC error information from remote target coordination_service while calling "
+     "/xla.coordination.CoordinationService/PollForError:\n{grpc_message:\"Socket closed\"}", "the coordinator, process 0"),
+    ("Traceback (most recent call last):\nValueError: bad image x.png", None),
+])
+def test_the_lost_process_is_read_from_jax_s_log(log, lost):
+  found = supervisor.lost_process(log)
+  assert found == lost if lost is None else found.startswith(lost), found

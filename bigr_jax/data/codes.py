@@ -24,11 +24,10 @@ import json
 import os
 from typing import Any, Callable, Optional
 
-from absl import logging
 import grain
 import numpy as np
 
-from bigr_jax import files
+from bigr_jax import console, files
 from bigr_jax.data import transforms as transforms_lib
 
 FORMAT_NAME = "bigr_jax_codes"
@@ -373,7 +372,7 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
     if writer is not None:
       writer.close()
   if skipped:
-    logging.warning("%d bad images were replaced by the next good one while encoding.", skipped)
+    console.warn(f"{skipped} bad images were replaced by the next good one while encoding")
   return writer
 
 

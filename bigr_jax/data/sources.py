@@ -32,10 +32,10 @@ import io
 import os
 from typing import Any, Optional, Sequence
 
-from absl import logging
 import numpy as np
 from PIL import Image
 
+from bigr_jax import console
 from bigr_jax.config_sections import MIN_IMAGE_SIZE, ON_BAD_IMAGE_CHOICES
 
 # The extensions torchvision's ImageFolder accepts (compared case-insensitively).
@@ -146,7 +146,7 @@ class DecodedImageSource:
         image, label = self._load((index + offset) % n)
       except BadImageError as e:
         self.skipped_count += 1
-        logging.warning("Skipping bad image %s: %s (on_bad_image='skip').", e.name, e.reason)
+        console.warn(f"skipping bad image {e.name}: {e.reason} (on_bad_image='skip')")
         continue
       return {"image": image, "label": np.int32(label), "skipped": np.int32(offset)}
     raise RuntimeError(

@@ -31,14 +31,13 @@ L-BFGS fit that stopped at `max_iter` before `tol`.
 import dataclasses
 from typing import Mapping, Optional
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigr_jax import parallel
+from bigr_jax import console, parallel
 from bigr_jax.config_sections import MeshConfig, ProbeConfig
 
 
@@ -194,7 +193,7 @@ def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_featu
                               num_classes=num_classes, mesh=mesh, log_every_epochs=log_every_epochs, _cache=_cache)
   result["fit_warning"] = fit_warning(result)
   if result["fit_warning"]:
-    logging.warning("probe: %s", result["fit_warning"])
+    console.warn(f"probe: {result['fit_warning']}")
   return result
 
 
@@ -217,14 +216,14 @@ def _train_sgd_probe(train_features, train_labels, eval_features, eval_labels, c
   multiple = parallel.round_up_to_shards(1, mesh)
   batch = _round_down(min(config.batch_size, len(train_features)), multiple)
   if batch != config.batch_size:
-    logging.warning("probe: batch %d -> %d (%d training examples, %d batch shards)", config.batch_size, batch,
-                    len(train_features), multiple)
+    console.warn(f"probe: batch {config.batch_size} -> {batch} ({len(train_features)} training examples, "
+                 f"{multiple} batch shards)")
     config = dataclasses.replace(config, batch_size=batch)
   eval_batch = parallel.round_up_to_shards(min(config.eval_batch_size, max(len(eval_features), 1)), mesh)
   steps_per_epoch = len(train_features) // batch
   if steps_per_epoch * config.epochs < 100:
-    logging.warning("probe: only %d steps; BatchNorm's running statistics may not converge",
-                    steps_per_epoch * config.epochs)
+    console.warn(f"probe: only {steps_per_epoch * config.epochs} steps; BatchNorm's running statistics may not "
+                 "converge")
   key = (config, num_classes, steps_per_epoch, id(mesh))
   cache = _cache if _cache is not None else {}
   if key not in cache:

@@ -1,4 +1,4 @@
-"""The model families and their modes: `FAMILIES[config.family].modes[mode].entry(config, workdir)` is what
+"""The model families and their modes: `family(config.family).modes[mode].entry(config, workdir)` is what
 `python -m bigr_jax.main --mode=<mode>` runs. Each family declares, in its own module, its modes, the check of
 its config before any work, its programs for `--mode=compile`, and what the web app samples with:
 
@@ -8,47 +8,53 @@ its config before any work, its programs for `--mode=compile`, and what the web 
 """
 
 import functools
+import importlib
 from typing import Callable
 
-from bigr_jax.families import demo, generator, tokenizer
 from bigr_jax.families.base import Family
 
-FAMILIES = {family.name: family for family in (tokenizer.FAMILY, generator.FAMILY, demo.FAMILY)}
+# Each is the module bigr_jax.families.<name>, which declares FAMILY. A command imports its config's family only:
+# the demo's classifier and plots (scikit-learn, matplotlib) cost a generator's command seconds it never uses.
+FAMILY_NAMES = ("tokenizer", "generator", "demo")
+
+
+@functools.cache
+def family(name: str) -> Family:
+  if name not in FAMILY_NAMES:
+    raise ValueError(f"the config's family is {name!r}; families: {', '.join(FAMILY_NAMES)}")
+  return importlib.import_module(f"bigr_jax.families.{name}").FAMILY
 
 
 def mode_names() -> tuple:
   """Every family's modes, each once, in the families' order."""
-  return tuple(dict.fromkeys(mode for family in FAMILIES.values() for mode in family.modes))
+  return tuple(dict.fromkeys(mode for name in FAMILY_NAMES for mode in family(name).modes))
 
 
 def family_of(config) -> Family:
-  name = config.get("family", None)
-  if name not in FAMILIES:
-    raise ValueError(f"the config's family is {name!r}; families: {', '.join(FAMILIES)}")
-  return FAMILIES[name]
+  return family(config.get("family", None))
 
 
 def _having(mode: str, overwrite: bool = False) -> list:
-  return [name for name, family in FAMILIES.items()
-          if mode in family.modes and (family.modes[mode].overwrite or not overwrite)]
+  return [name for name in FAMILY_NAMES
+          if mode in family(name).modes and (family(name).modes[mode].overwrite or not overwrite)]
 
 
 def entry_point(config, mode: str, overwrite: bool = False) -> Callable:
   """The function that runs `mode` for this config, as entry(config, workdir); a mode the config's family
   lacks, or --overwrite where it means nothing, is an error before any work starts."""
-  if mode not in mode_names():
-    raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(mode_names())}")
-  family = family_of(config)
-  if mode not in family.modes:
+  own = family_of(config)
+  if mode not in own.modes:  # (only then are the other families imported, for the message)
+    if mode not in mode_names():
+      raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(mode_names())}")
     raise ValueError(f"--mode={mode} needs a config of family {' or '.join(_having(mode))}; this config is a "
-                     f"{family.name} config, which runs the modes {', '.join(family.modes)}")
-  chosen = family.modes[mode]
+                     f"{own.name} config, which runs the modes {', '.join(own.modes)}")
+  chosen = own.modes[mode]
   if chosen.overwrite:
     return functools.partial(chosen.entry, overwrite=overwrite)
   if overwrite:
     where = [f"{name} ({', '.join(_having(name, overwrite=True))})" for name in mode_names()
              if _having(name, overwrite=True)]
-    raise ValueError(f"--overwrite means nothing to --mode={mode} on a {family.name} config; it applies to the modes "
+    raise ValueError(f"--overwrite means nothing to --mode={mode} on a {own.name} config; it applies to the modes "
                      f"(families) {', '.join(where)}")
   return chosen.entry
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from bigr_jax import artifacts, data, evaluation, files, images as images_lib
+from bigr_jax import artifacts, config_lib, data, evaluation, files, images as images_lib
 from bigr_jax.evaluation import quality
 from bigr_jax.families import generator as generator_family, tokenizer as tokenizer_family
 from bigr_jax.families.base import Family, Mode
@@ -211,6 +211,7 @@ def run_stages(config, workdir) -> dict:
 def check(config) -> None:
   """Each stage's check (`families.tokenizer.check`, `families.generator.check`), before any work. The demo has no
   base config of its own: configs/demo.py composes the tokenizer's and the generator's."""
+  config_lib.check_training_fields(config)  # its own: peer_timeout_s
   tokenizer_family.check(config.tokenizer)
   generator_family.check(config.generator)
 

@@ -7,8 +7,6 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
-from tensorboardX import event_file_writer
-from tensorboardX.proto import event_pb2, summary_pb2
 
 from bigr_jax import files
 
@@ -41,6 +39,8 @@ class MetricWriter:
         f.writelines(json.dumps(m) + "\n" for m in kept)
     self._jsonl = open(path, "a")
     if tensorboard:
+      # Imported only here: tensorboardX imports torch where it is installed, 3 s a command would pay.
+      from tensorboardX import event_file_writer  # pylint: disable=import-outside-toplevel
       (workdir / "tensorboard").mkdir(exist_ok=True)
       self._tb = event_file_writer.EventsWriter(str(workdir / "tensorboard" / "events"))
 
@@ -51,6 +51,7 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
+      from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
       summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
                                            for k, v in scalars.items()])
       self._tb.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))

@@ -6,7 +6,6 @@ and 0 before `disc_start_step`; a PatchGAN trained with the hinge loss from that
 `ema_every` steps.
 """
 
-import logging
 import pathlib
 from typing import Any
 
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigr_jax import artifacts, config_sections, data, images as images_lib, parallel
+from bigr_jax import artifacts, config_sections, console, data, images as images_lib, parallel
 from bigr_jax.weights import tokenizer_weights
 from bigr_jax.models import tokenizer as tokenizer_lib
 from bigr_jax.models.discriminator import Discriminator, hinge_d_loss
@@ -188,7 +187,7 @@ def _lpips_params(config):
   if paths:
     return tokenizer_weights.read_lpips_params(paths)
   if config.lpips.random_init:  # tests only: a perceptual loss without meaning
-    logging.warning("LPIPS with random weights (lpips.random_init=True): for tests only")
+    console.warn("LPIPS with random weights (lpips.random_init=True): for tests only")
     shape = (1, 64, 64, 3)
     return LPIPS().init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape))["params"]
   return None
