@@ -25,13 +25,18 @@ def log_file(workdir, mode: str, process_index: int) -> pathlib.Path:
   return pathlib.Path(workdir) / "logs" / f"{mode}.process_{process_index}.log"
 
 
-def open_log(path: pathlib.Path, argv) -> None:
-  """Appends a header for this command to `path`, then sends Python's logging (absl's handler, which the root
-  logger uses) there instead of the console."""
+def start_log(path: pathlib.Path, argv):
+  """Appends a header for this command to `path`; the open file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   stream = open(path, "a", buffering=1)  # pylint: disable=consider-using-with  (open for the process's life)
   stream.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(argv)}\n")
-  absl_logging.get_absl_handler().python_handler.stream = stream
+  return stream
+
+
+def open_log(path: pathlib.Path, argv) -> None:
+  """Starts the log and sends Python's logging there instead of the console (absl's handler, which the root
+  logger uses)."""
+  absl_logging.get_absl_handler().python_handler.stream = start_log(path, argv)
 
 
 def append_traceback(path: pathlib.Path, error: BaseException) -> None:

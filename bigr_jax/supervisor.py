@@ -57,7 +57,7 @@ def lost_process(log_text: str) -> Optional[str]:
 def supervise(argv, log_path: pathlib.Path, verbose: bool, last_checkpoint: Callable[[], str]) -> int:
   """Runs `python -m bigr_jax.main ARGV[1:]` as a child with its stderr in `log_path` (and on the console if
   `verbose`), forwarding SIGTERM and SIGINT; returns its exit status, after one line if a peer was lost."""
-  log_path.parent.mkdir(parents=True, exist_ok=True)
+  console.start_log(log_path, argv).close()
   child = subprocess.Popen([sys.executable, "-m", "bigr_jax.main", *argv[1:]], stderr=subprocess.PIPE,
                            env={**os.environ, WORKER_LOG: str(log_path)})
   for sig in (signal.SIGTERM, signal.SIGINT):  # preemption notices and ^C are the child's to handle

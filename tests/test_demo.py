@@ -21,7 +21,7 @@ QUICK_ACCURACY = 0.2
 
 
 @pytest.mark.xdist_group("quick_demo")  # with the app's test: the other worker never waits for the demo
-def test_demo_then_every_mode_on_its_workdir(quick_demo):
+def test_demo_then_sample_edit_features_and_evaluate_on_its_workdir(quick_demo):
   workdir, out = quick_demo
   summary = json.loads((workdir / "demo.json").read_text())
   assert summary["num_samples"] == 50
@@ -83,13 +83,18 @@ def test_demo_then_every_mode_on_its_workdir(quick_demo):
     assert not result["fit_warning"], result
   assert probe["best_top1"] > 60, probe  # chance 10%; 81% measured on the quick model
 
-  run_quick_demo(workdir, "--mode=encode", "--config.tokenizer.data.split=all")
-  assert len(data.CodesSource(str(workdir / "tokenizer" / "codes" / "all"), flip=False)) == 1797  # every digit
-
   before = (workdir / "demo.json").stat().st_mtime_ns
   run_quick_demo(workdir, "--mode=evaluate", "--config.generator.sample.per_class=1")
   assert (workdir / "demo.json").stat().st_mtime_ns > before
   assert json.loads((workdir / "demo.json").read_text())["num_samples"] == 10
+
+
+@pytest.mark.slow  # tests/test_quality.py (the sweep's frontier and budget), test_compile.py and test_data.py cover it
+@pytest.mark.xdist_group("quick_demo")
+def test_the_demo_workdir_encodes_every_digit_sweeps_and_compiles(quick_demo):
+  workdir, _ = quick_demo
+  run_quick_demo(workdir, "--mode=encode", "--config.tokenizer.data.split=all")
+  assert len(data.CodesSource(str(workdir / "tokenizer" / "codes" / "all"), flip=False)) == 1797  # every digit
 
   # The sampler's frontier over the quick grid (2 settings), then a rerun that resumes with nothing left to do.
   # No speed budget: which settings reach one depends on the machine (test_quality tests the budget's logic).

@@ -1,6 +1,6 @@
-"""Two JAX processes on this machine (4 CPU devices each) train one model over a (2, 2, 2) mesh, as the hosts
-of a pod slice do: per-host data shards, one checkpoint, one metrics writer, and a joint resume; the generator
-and the tokenizer alike."""
+"""Two JAX processes on this machine (4 CPU devices each) run one job over a (2, 2, 2) mesh, as the hosts of a pod
+slice do: per-host data shards, one checkpoint, one metrics writer, a joint resume, a lost peer reported in one
+line (`bigr_jax.supervisor`), and sampling equal to one process's; the generator and the tokenizer alike."""
 
 import json
 import os
@@ -63,21 +63,68 @@ def progress_steps(output: str) -> list:
   return [line.split()[1] for line in output.splitlines() if line.startswith("step ")]
 
 
-def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
+def _read_until(proc, prefix: str) -> list:
+  """Lines of `proc`'s output up to the first that starts with `prefix`."""
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(prefix):
+      return lines
+  raise AssertionError(f"{prefix!r} never came:\n{''.join(lines)[-3000:]}")
+
+
+PEER_TIMEOUT_S = 10
+
+
+def lose_a_peer(workdir, host_lost: int, how: signal.Signals, kill_after: int) -> tuple:
+  """Trains on 2 processes until process 0 reports step `kill_after`, then sends `how` to one host (its command
+  and worker). Checks the other host's end; returns its output and the step its last line names."""
+  procs = start_two_processes(workdir, "--mode=train", "--config.total_steps=100000", "--config.log_every=2",
+                              "--config.checkpoint_every=2", "--config.tensorboard=False",
+                              f"--config.peer_timeout_s={PEER_TIMEOUT_S}")
+  try:
+    before = _read_until(procs[0], f"step {kill_after}/")
+    os.killpg(procs[host_lost].pid, how)
+    sent = time.monotonic()
+    survivor = procs[1 - host_lost]
+    out, _ = survivor.communicate(timeout=PEER_TIMEOUT_S + 90)
+    waited = time.monotonic() - sent
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+  out = ("".join(before) if host_lost == 1 else "") + out
+  last = out.strip().splitlines()[-1]
+  assert survivor.returncode == 1 and waited < PEER_TIMEOUT_S + 60, (waited, out[-3000:])
+  lost = "process 1 (no heartbeat" if host_lost == 1 else "the coordinator, process 0"
+  assert last.startswith(f"error: process {1 - host_lost} stopped: lost {lost}"), out[-3000:]
+  assert "Traceback" not in out and "Check failure" not in out, out[-3000:]  # JAX's abort is in the log only
+  step = int(last.split("The last good checkpoint is step ")[1].split()[0])
+  log = workdir / "logs" / f"train.process_{1 - host_lost}.log"
+  assert step >= kill_after - 2 and str(log) in last
+  assert "Terminating process" in log.read_text()
+  return out, step
+
+
+def test_two_processes_train_lose_a_hung_peer_resume_together_and_sample(tmp_path):
+  """Two processes train until process 1 hangs (SIGSTOP: its heartbeats stop); process 0 ends within the peer
+  timeout with one line naming it and the last good checkpoint; both resume from there together; then the two
+  sample what 1 process of 8 devices samples."""
   workdir = tmp_path / "run"
-  first = train_on_two_processes(workdir, total_steps=4)
-  assert progress_steps(first[0]) == ["2/4", "4/4"] and progress_steps(first[1]) == []  # host 0 reports
-  second = train_on_two_processes(workdir, total_steps=6)
-  assert "resumed from step 4" in second[0]
-  assert progress_steps(second[0]) == ["6/6"]
+  first, step = lose_a_peer(workdir, host_lost=1, how=signal.SIGSTOP, kill_after=6)
+  assert progress_steps(first)[:3] == ["2/100000", "4/100000", "6/100000"]  # host 0 reports
+  second = train_on_two_processes(workdir, step + 2)
+  assert f"resumed from step {step}" in second[0]
+  assert progress_steps(second[0]) == [f"{step + 2}/{step + 2}"] and progress_steps(second[1]) == []
 
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [m["step"] for m in logged] == [2, 4, 6]  # one writer, and nothing lost or repeated on resume
+  assert [m["step"] for m in logged] == list(range(2, step + 3, 2))  # one writer; nothing lost or repeated
   assert all(0 < m["loss"] < 1 for m in logged)
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved[-1] == 6
+  assert saved[-1] == step + 2
   # Each host's data iterator position is saved and restored with the state.
-  data_files = sorted(p.name for p in (workdir / "checkpoints" / "6" / "data").iterdir())
+  data_files = sorted(p.name for p in (workdir / "checkpoints" / str(step + 2) / "data").iterdir())
   assert any("process_0" in name for name in data_files) and any("process_1" in name for name in data_files)
 
   # Sampling on the 2 processes equals sampling on 1 process of 8 devices with the same mesh: each process
@@ -101,6 +148,18 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_coordinator_ends_the_other_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+  """The coordinator's host dies (SIGKILL): process 1 ends at once with one line; resumed from the checkpoint it
+  names, the run ends where an uninterrupted one does, bit for bit."""
+  workdir = tmp_path / "run"
+  _, step = lose_a_peer(workdir, host_lost=0, how=signal.SIGKILL, kill_after=4)
+  train_on_two_processes(workdir, step + 2)
+  train_on_two_processes(tmp_path / "uninterrupted", step + 2)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
+                         params_io.train_state(tmp_path / "uninterrupted"))
+
+
+@pytest.mark.slow
 def test_two_processes_train_a_tokenizer_together(tmp_path):
   """The B-AE's step (its GAN branch too, from step 2) and its reconstruction grid run on both hosts."""
   workdir = tmp_path / "bae"
@@ -110,62 +169,6 @@ def test_two_processes_train_a_tokenizer_together(tmp_path):
   assert [m["step"] for m in logged] == [2, 4] and logged[-1]["d_loss"] > 0  # the discriminator trained
   assert sorted(p.name for p in (workdir / "reconstructions").iterdir()) == ["step_0000002.png", "step_0000004.png"]
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
-
-
-def _read_until(proc, prefix: str) -> list:
-  """Lines of `proc`'s output up to the first that starts with `prefix`."""
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith(prefix):
-      return lines
-  raise AssertionError(f"{prefix!r} never came:\n{''.join(lines)[-3000:]}")
-
-
-def _lost_peer(workdir, host_lost: int, how: signal.Signals, resume_at: int) -> int:
-  """Trains on 2 processes until both have passed step `resume_at`'s checkpoint, then sends `how` to one host
-  (its command and worker); returns the step the other host's last line names, after checking that line."""
-  procs = start_two_processes(workdir, "--mode=train", "--config.total_steps=100000", "--config.log_every=2",
-                              "--config.checkpoint_every=2", "--config.tensorboard=False",
-                              f"--config.peer_timeout_s={PEER_TIMEOUT_S}")
-  try:
-    _read_until(procs[0], f"step {resume_at + 2}/")
-    os.killpg(procs[host_lost].pid, how)
-    sent = time.monotonic()
-    survivor = procs[1 - host_lost]
-    out, _ = survivor.communicate(timeout=PEER_TIMEOUT_S + 90)
-    waited = time.monotonic() - sent
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-  last = out.strip().splitlines()[-1]
-  assert survivor.returncode == 1 and waited < PEER_TIMEOUT_S + 60, (waited, out[-3000:])
-  lost = "process 1 (no heartbeat" if host_lost == 1 else "the coordinator, process 0"
-  assert last.startswith(f"error: process {1 - host_lost} stopped: lost {lost}"), out[-3000:]
-  assert "Traceback" not in out and "Check failure" not in out, out[-3000:]  # JAX's abort is in the log only
-  step = int(last.split("The last good checkpoint is step ")[1].split()[0])
-  assert step >= resume_at and f"logs/train.process_{1 - host_lost}.log" in last
-  assert "Terminating process" in (workdir / "logs" / f"train.process_{1 - host_lost}.log").read_text()
-  return step
-
-
-PEER_TIMEOUT_S = 10
-
-
-def test_a_hung_or_dead_peer_ends_the_others_with_one_line_and_the_run_resumes(tmp_path):
-  """A host that hangs (SIGSTOP: JAX's heartbeats stop) or dies (SIGKILL, the coordinator's host) ends the other
-  within the peer timeout, with one line naming the lost process and the last good checkpoint, which resumes."""
-  workdir = tmp_path / "run"
-  step = _lost_peer(workdir, host_lost=1, how=signal.SIGSTOP, resume_at=2)
-  resumed = train_on_two_processes(workdir, step + 2)
-  assert f"resumed from step {step}" in resumed[0] and progress_steps(resumed[0])[-1] == f"{step + 2}/{step + 2}"
-  # Resumed after the hang, the run ends where an uninterrupted one does, bit for bit.
-  train_on_two_processes(tmp_path / "uninterrupted", step + 2)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
-                         params_io.train_state(tmp_path / "uninterrupted"))
-  _lost_peer(workdir, host_lost=0, how=signal.SIGKILL, resume_at=step + 2)
 
 
 @pytest.mark.parametrize("log, lost", [
