@@ -64,9 +64,16 @@ def _seed(value) -> int:
   return _number(value, "seed", int, 0, MAX_SEED)
 
 
+class _Upload(gr.Image):
+  """An image upload handed over as its file, unopened (gradio would open it first and answer a file that is no
+  image with its generic error); `_upload` opens it, so that such a file is the page's message."""
+  is_template = True  # drawn as gr.Image
+
+  def preprocess(self, payload) -> Optional[str]:
+    return None if payload is None else payload.path
+
+
 def _upload(path: str, what: str) -> Image.Image:
-  """An uploaded file as an image (uploads are files, so that one that is no image is a message, not gradio's
-  generic error)."""
   try:
     image = Image.open(path)
     image.load()
@@ -316,14 +323,14 @@ def build_ui(session: Session) -> gr.Blocks:
 
     with gr.Tab("Edit"):
       with gr.Row():
-        picture = gr.Image(label="picture (RGB)", type="filepath", image_mode=None, sources=["upload"],
+        picture = _Upload(label="picture (RGB)", type="filepath", image_mode=None, sources=["upload"],
                            format="png", height=DISPLAY_SIZE * 2, elem_id="edit-picture")
         canvas = gr.ImageEditor(label="paint the region to regenerate (outpaint: to keep)", type="numpy", sources=[], transforms=[],
                                 layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed",
                                                                     default_size=max(1, session.image_size // 8)),
                                 elem_id="edit-canvas")
-        uploaded_mask = gr.Image(label="or upload a mask (white = regenerate; outpaint: keep)", type="filepath",
-                                 image_mode="L", sources=["upload"], format="png", height=DISPLAY_SIZE * 2,
+        uploaded_mask = _Upload(label="or upload a mask (white = regenerate; outpaint: keep)", type="filepath",
+                                sources=["upload"], format="png", height=DISPLAY_SIZE * 2,
                                  elem_id="edit-mask")
       with gr.Row():
         held_out_index = gr.Number(value=0, precision=0, label="held-out image", elem_id="edit-held-out-index")

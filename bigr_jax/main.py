@@ -38,6 +38,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, sys_argv=None) -> None:
   flags.DEFINE_bool("verbose", False, "Show the libraries' logs (orbax, grain, JAX) and full tracebacks on the "
                     "console. Without it they go to WORKDIR/logs/MODE.process_N.log, and a failure is one line "
                     "naming its cause and that file.", flag_values=flag_values)
+  flags.DEFINE_bool("supervise", None, "Run the work in a watched child process that reports a lost peer in one "
+                    "line (bigr_jax/supervisor.py). Default: when the environment makes this one process of several "
+                    "(JAX_NUM_PROCESSES, TPU_WORKER_HOSTNAMES, SLURM_NTASKS); launch/tpu.py run sets it.",
+                    flag_values=flag_values)
   flags.mark_flags_as_required(["workdir"], flag_values=flag_values)
 
 
@@ -80,7 +84,8 @@ def main(argv):
   except ValueError as e:  # one line, not absl's usage text: the message names the setting and its choices
     print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(1)
-  if parallel.several_processes() and not supervisor.is_worker():  # a worker child does the work (see there)
+  supervise = parallel.several_processes() if FLAGS.supervise is None else FLAGS.supervise
+  if supervise and not supervisor.is_worker():  # a worker child does the work (see there)
     raise SystemExit(supervisor.supervise(sys.argv, console.log_file(FLAGS.workdir, mode, supervisor.this_process()),
                                           FLAGS.verbose, lambda: last_checkpoint(FLAGS.workdir)))
   log_path = None

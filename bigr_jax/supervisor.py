@@ -58,6 +58,7 @@ def supervise(argv, log_path: pathlib.Path, verbose: bool, last_checkpoint: Call
   """Runs `python -m bigr_jax.main ARGV[1:]` as a child with its stderr in `log_path` (and on the console if
   `verbose`), forwarding SIGTERM and SIGINT; returns its exit status, after one line if a peer was lost."""
   console.start_log(log_path, argv).close()
+  start = log_path.stat().st_size  # this command's part of the log: an earlier command's abort is not this one's
   child = subprocess.Popen([sys.executable, "-m", "bigr_jax.main", *argv[1:]], stderr=subprocess.PIPE,
                            env={**os.environ, WORKER_LOG: str(log_path)})
   for sig in (signal.SIGTERM, signal.SIGINT):  # preemption notices and ^C are the child's to handle
@@ -68,7 +69,9 @@ def supervise(argv, log_path: pathlib.Path, verbose: bool, last_checkpoint: Call
   copier.join()
   if status == 0:
     return 0
-  lost = lost_process(log_path.read_text(errors="replace")[-1_000_000:])
+  with open(log_path, "rb") as log:
+    log.seek(max(start, log_path.stat().st_size - 1_000_000))
+    lost = lost_process(log.read().decode(errors="replace"))
   if lost is not None:
     print(f"error: process {this_process()} stopped: lost {lost}. {last_checkpoint()}; start every process "
           f"again to resume from it (this process's log: {log_path})", flush=True)

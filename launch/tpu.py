@@ -167,7 +167,8 @@ def cmd_run(args, extra):
   target = Target(args)
   remote = settings(args, "remote_dir")["remote_dir"]
   workdir = default_workdir(args, target)
-  main = [".venv/bin/python", "-m", "bigr_jax.main", f"--config={args.config}", f"--workdir={workdir}"]
+  # --supervise: a lost or hung host is one line naming it (TPU VMs need not tell JAX's host count in the env).
+  main = [".venv/bin/python", "-m", "bigr_jax.main", "--supervise", f"--config={args.config}", f"--workdir={workdir}"]
   main += [f"--mode={args.mode}"] if args.mode else []
   main += extra
   if target.slices > 1 and not any(a.split("=")[0] == "--config.mesh.dcn_data" for a in extra):

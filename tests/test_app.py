@@ -270,11 +270,13 @@ def test_a_generator_config_on_released_weights(tmp_path):
       session.generate(*args)
   # A class edit of an uploaded picture's top half, cloned back into it.
   size = tok_model.img_size
-  picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8))
-  top_half = np.zeros((size, size), np.uint8)
-  top_half[:size // 2] = 255
-  (results, cloned, _), status = session.edit_picture(picture, None, top_half, "class edit", "3", 2, 2.0, 0.0, 0,
-                                                      True)
+  picture, top_half = tmp_path / "picture.png", tmp_path / "top_half.png"  # uploads arrive as files
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), np.uint8)).save(picture)
+  mask = np.zeros((size, size), np.uint8)
+  mask[:size // 2] = 255
+  Image.fromarray(mask).save(top_half)
+  (results, cloned, _), status = session.edit_picture(str(picture), None, str(top_half), "class edit", "3", 2, 2.0,
+                                                      0.0, 0, True)
   assert status.startswith("class edit: 4 results in"), status
   assert results.shape == cloned.shape and results.shape[1] == 5 * (grid.shape[1] - 2) + 2  # picture + 4
   with pytest.raises(ValueError, match="give one class here, not 2"):

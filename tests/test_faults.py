@@ -294,3 +294,10 @@ def test_a_library_error_is_one_line_and_its_trace_is_in_the_log(tmp_path):
 
   verbose = _main(*command, "--verbose", devices=1)
   assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "BadImageError" in verbose.stderr
+
+  # The same under the watcher (`--supervise`, as launch/tpu.py runs every command): the worker's line, its
+  # stderr in the same log.
+  supervised = _main(*command, "--supervise", devices=1)
+  assert supervised.returncode == 1 and supervised.stdout.strip().splitlines()[-1] == last, supervised.stdout
+  assert "Traceback" not in supervised.stdout + supervised.stderr
+  assert log.read_text().count("=== ") == 2 and log.read_text().count("BadImageError") >= 2  # (--verbose wrote none)

@@ -114,8 +114,9 @@ def test_run_passes_config_overrides_quoted(capsys):
   words = shlex.split(ssh)
   assert words[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "bigr", "--worker=all"]
   assert remote(ssh) == [
-      "cd", "bigr_jax", "&&", ".venv/bin/python", "-m", "bigr_jax.main", "--config=configs/bigr_l.py:bits=24",
-      "--workdir=runs/bigr", "--mode=train", "--config.optim.lr=2e-4", tricky, "--config.train.steps=10"]
+      "cd", "bigr_jax", "&&", ".venv/bin/python", "-m", "bigr_jax.main", "--supervise",
+      "--config=configs/bigr_l.py:bits=24", "--workdir=runs/bigr", "--mode=train", "--config.optim.lr=2e-4", tricky,
+      "--config.train.steps=10"]
 
 
 def test_run_multislice_sets_dcn_data(capsys):

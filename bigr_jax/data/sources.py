@@ -86,8 +86,9 @@ def decode_image(data: bytes, name: str, min_image_size: int = MIN_IMAGE_SIZE) -
       img = img.convert("RGBA")  # avoids PIL's palette-transparency warning; alpha is dropped below
     # CMYK, grayscale, RGBA, palette ...: the original's pil_loader does exactly this conversion.
     img = img.convert("RGB")
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    # PIL raises UnidentifiedImageError (an OSError) for unknown formats, OSError for truncation.
+  except Image.UnidentifiedImageError as e:  # (its message names only the in-memory buffer)
+    raise BadImageError(name, "cannot decode (not an image format PIL reads)") from e
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # OSError: truncated, ...
     raise BadImageError(name, f"cannot decode ({type(e).__name__}: {e})") from e
   arr = np.asarray(img, dtype=np.uint8)
   if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
