@@ -64,13 +64,12 @@ def _seed(value) -> int:
   return _number(value, "seed", int, 0, MAX_SEED)
 
 
-class _Upload(gr.Image):
-  """An image upload handed over as its file, unopened (gradio would open it first and answer a file that is no
-  image with its generic error); `_upload` opens it, so that such a file is the page's message."""
-  is_template = True  # drawn as gr.Image
-
-  def preprocess(self, payload) -> Optional[str]:
-    return None if payload is None else payload.path
+def _unopened(upload: gr.Image) -> gr.Image:
+  """The upload handed over as its file, unopened (gradio would open it first and answer a file that is no image
+  with its generic error); `_upload` opens it, so that such a file is the page's message. (Not a subclass: gradio
+  writes a .pyi stub beside the module of every component class.)"""
+  upload.preprocess = lambda payload: None if payload is None else payload.path
+  return upload
 
 
 def _upload(path: str, what: str) -> Image.Image:
@@ -323,15 +322,15 @@ def build_ui(session: Session) -> gr.Blocks:
 
     with gr.Tab("Edit"):
       with gr.Row():
-        picture = _Upload(label="picture (RGB)", type="filepath", image_mode=None, sources=["upload"],
-                           format="png", height=DISPLAY_SIZE * 2, elem_id="edit-picture")
+        picture = _unopened(gr.Image(label="picture (RGB)", type="filepath", image_mode=None, sources=["upload"],
+                                     format="png", height=DISPLAY_SIZE * 2, elem_id="edit-picture"))
         canvas = gr.ImageEditor(label="paint the region to regenerate (outpaint: to keep)", type="numpy", sources=[], transforms=[],
                                 layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed",
                                                                     default_size=max(1, session.image_size // 8)),
                                 elem_id="edit-canvas")
-        uploaded_mask = _Upload(label="or upload a mask (white = regenerate; outpaint: keep)", type="filepath",
-                                sources=["upload"], format="png", height=DISPLAY_SIZE * 2,
-                                 elem_id="edit-mask")
+        uploaded_mask = _unopened(gr.Image(label="or upload a mask (white = regenerate; outpaint: keep)",
+                                           type="filepath", sources=["upload"], format="png",
+                                           height=DISPLAY_SIZE * 2, elem_id="edit-mask"))
       with gr.Row():
         held_out_index = gr.Number(value=0, precision=0, label="held-out image", elem_id="edit-held-out-index")
         load = gr.Button("Load a held-out image", elem_id="edit-held-out")
