@@ -73,12 +73,7 @@ def _unopened(upload: gr.Image) -> gr.Image:
 
 
 def _upload(path: str, what: str) -> Image.Image:
-  try:
-    image = Image.open(path)
-    image.load()
-  except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated or damaged files
-    raise ValueError(f"{what} ({os.path.basename(path)}) is not an image PIL can read: upload a PNG or JPEG") from e
-  return image
+  return images_lib.open_image(path, f"{what} ({os.path.basename(path)})")
 
 
 def _paintable(path: Optional[str]) -> Optional[str]:

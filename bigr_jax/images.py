@@ -39,16 +39,23 @@ def save_grid(images, path, nrow: int = 8) -> pathlib.Path:
   return path
 
 
+def open_image(path, name: str) -> Image.Image:
+  """The image file at `path`, decoded; a file PIL cannot read (no image, truncated, damaged) is a ValueError
+  naming it as `name`."""
+  try:
+    image = Image.open(path)
+    image.load()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"{name} is not an image PIL can read ({type(e).__name__}); give a PNG or JPEG") from e
+  return image
+
+
 def load_image(path, size: int) -> np.ndarray:
   """An RGB image center-cropped and resized to (size, size, 3), float32 in [0, 1] (ADM center crop)."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no image at {path}")
-  try:
-    image = Image.open(path)
-    image.load()
-  except Exception as e:
-    raise ValueError(f"{path} is not a readable image: {e}") from e
+  image = open_image(path, str(path))
   if image.mode not in ("RGB", "RGBA", "L", "P", "CMYK", "I;16", "I"):
     raise ValueError(f"{path} has image mode {image.mode}; use an RGB image")
   return np.asarray(center_crop_arr(image.convert("RGB"), size), np.float32) / 255.0
