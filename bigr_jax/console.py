@@ -47,9 +47,5 @@ def append_traceback(path: pathlib.Path, error: BaseException) -> None:
 def one_line(error: BaseException) -> str:
   """The message that names the cause: the outermost of the project's own errors in the chain (it names the file
   or setting), else the innermost cause's first line (libraries wrap the real error, e.g. an OSError)."""
-  chain = [error]
-  while chain[-1].__cause__ is not None or (chain[-1].__context__ is not None and
-                                            not chain[-1].__suppress_context__):
-    chain.append(chain[-1].__cause__ or chain[-1].__context__)
-  ours = [e for e in chain if type(e).__module__.startswith("bigr_jax.")]
+  ours = [e for e in files.causes(error) if type(e).__module__.startswith("bigr_jax.")]
   return str(ours[0]).strip().splitlines()[0] if ours else files.first_cause(error)

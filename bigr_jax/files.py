@@ -53,11 +53,19 @@ class UnusableFile(ValueError):
   file and the cause; the command line prints it as one line."""
 
 
+def causes(error: BaseException) -> list:
+  """`error` and the errors behind it, outermost first (as a traceback shows them, from the bottom up)."""
+  chain = [error]
+  while chain[-1].__cause__ is not None or (chain[-1].__context__ is not None and
+                                            not chain[-1].__suppress_context__):
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  return chain
+
+
 def first_cause(error: BaseException) -> str:
   """The innermost cause's first line: orbax wraps the real error (e.g. `No space left on device`), and
   tensorstore appends its whole JSON spec, which names nothing the cause does not."""
-  while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
-    error = error.__cause__ or error.__context__
+  error = causes(error)[-1]
   text = str(error).strip().splitlines()
   line = text[0].split(" [tensorstore_spec")[0] if text else ""
   return f"{type(error).__name__}: {line}" if line else type(error).__name__
