@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import supervisor
-from bigr_jax.weights import params_io
+from bigr_jax import convert as convert_cli, supervisor, typed_config
+from bigr_jax.evaluation import features
+from bigr_jax.models.config import GeneratorConfig
+from bigr_jax.weights import generator_weights, io as convert_io, params_io
 from conftest import write_released_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,10 +109,22 @@ def lose_a_peer(workdir, host_lost: int, how: signal.Signals, kill_after: int) -
   return out, step
 
 
-def test_two_processes_train_lose_a_hung_peer_resume_together_and_sample(tmp_path):
+def one_process_of_eight(workdir, *argv) -> str:
+  """`python -m bigr_jax.main ARGV` on 1 process of 8 CPU devices, the same (2, 2, 2) mesh; its output."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bigr_l.py:runlocal",
+                           f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                           "--config.mesh.tensor=2", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_two_processes_train_lose_a_hung_peer_resume_together_sample_probe_and_export(tmp_path):
   """Two processes train until process 1 hangs (SIGSTOP: its heartbeats stop); process 0 ends within the peer
   timeout with one line naming it and the last good checkpoint; both resume from there together; then the two
-  sample what 1 process of 8 devices samples."""
+  sample, extract features and probe them as 1 process of 8 devices does, and the workdir they wrote exports to
+  the original's layout."""
   workdir = tmp_path / "run"
   first, step = lose_a_peer(workdir, host_lost=1, how=signal.SIGSTOP, kill_after=6)
   assert progress_steps(first)[:3] == ["2/100000", "4/100000", "6/100000"]  # host 0 reports
@@ -135,16 +149,40 @@ def test_two_processes_train_lose_a_hung_peer_resume_together_and_sample(tmp_pat
             f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
   on_two_processes(workdir, *sample)
   two = dict(np.load(workdir / "samples" / "samples.npz"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  one = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bigr_l.py:runlocal",
-                        f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                        "--config.mesh.tensor=2", *sample], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
+  one_process_of_eight(workdir, *sample)
   one = dict(np.load(workdir / "samples" / "samples.npz"))
   assert one.keys() == two.keys() and len(one["arr_0"]) == 4
   for name in one:
     np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+
+  # Features and the probe: each host extracts its share of every batch, process 0 writes them: the same arrays as
+  # on 1 process. Both hosts fit the probe together: the same accuracies and penalty, its loss to float32
+  # rounding (the hosts' all-reduce sums in another order than one process does: 3e-7 relative measured).
+  probes = {}
+  for name, run in (("two", on_two_processes), ("one", one_process_of_eight)):
+    run(workdir, "--mode=features", "--config.evaluation.layers=(0, 1)", "--config.evaluation.probe.optimizer=lbfgs",
+        f"--config.evaluation.features_dir={tmp_path / name}")
+    probes[name] = json.loads((workdir / "linear_probe.json").read_text())
+  for split in ("train", "validation"):
+    (two, two_labels), (one, one_labels) = (features.load_features(str(tmp_path / name / split))
+                                            for name in ("two", "one"))
+    assert sorted(one) == [0, 1] and len(one_labels) == 512  # the runlocal stand-in codes
+    np.testing.assert_array_equal(one_labels, two_labels)
+    for layer in one:
+      np.testing.assert_array_equal(one[layer], two[layer], err_msg=f"{split} block {layer}")
+  for layer, one in probes["one"]["layers"].items():
+    two = probes["two"]["layers"][layer]
+    assert [two[k] for k in ("top1", "top5", "train_top1", "l2")] == [one[k] for k in ("top1", "top5", "train_top1",
+                                                                                         "l2")], layer
+    assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5), layer
+  assert probes["one"]["best_top1"] > 50  # chance 10%
+
+  # The workdir two processes wrote exports to the original's layout: its EMA params, exactly.
+  assert convert_cli.main(["to-torch", "--config=configs/bigr_l.py:runlocal", f"--input={workdir}",
+                           f"--output={tmp_path / 'bigr.pt'}"]) == 0
+  model = GeneratorConfig.from_config(typed_config.load_config_file("configs/bigr_l.py:runlocal").model)
+  exported = generator_weights.torch_to_flax(convert_io.read_state_dict(str(tmp_path / "bigr.pt")), model)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params_io.train_state_params(workdir))
 
 
 @pytest.mark.slow

@@ -150,9 +150,8 @@ def predict_logits(compiled: _Compiled, state, features: np.ndarray, batch_size:
   out = []
   for start in range(0, len(features), batch_size):
     chunk = features[start:start + batch_size]
-    x = jax.device_put(_padded_rows(np.asarray(chunk, np.float32), batch_size),
-                       parallel.batch_sharding(compiled.mesh, 2))
-    out.append(np.asarray(jax.device_get(compiled.predict(state, x)))[:len(chunk)])
+    x = parallel.from_same_on_every_host(_padded_rows(np.asarray(chunk, np.float32), batch_size), compiled.mesh)
+    out.append(parallel.to_host(compiled.predict(state, x))[:len(chunk)])
   return np.concatenate(out)
 
 
@@ -166,7 +165,7 @@ def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_featu
   """Trains one probe and reports top-1 / top-5 (percent) on the eval set.
 
   Features are (N, D) float arrays on the host; every step gathers one shuffled batch and shards it over
-  the mesh's batch axes (single-process: the whole arrays live on this host). The last partial batch of an
+  the mesh's batch axes. On several processes each holds the whole arrays and all fit the same probe together. The last partial batch of an
   epoch is dropped, as MAE's loader does. A batch larger than the training set is cut to it (and to a
   multiple of the batch shards), which also lowers the scaled lr; the result records the batch used.
 
@@ -176,9 +175,6 @@ def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_featu
   """
   if mesh is None:
     mesh = parallel.make_mesh(_single_axis_mesh_config(), jax.devices())
-  if jax.process_count() > 1:
-    raise NotImplementedError("the probe runs in one process (features fit one host's memory); "
-                              "run it on a single host")
   train_features = np.asarray(train_features, np.float32)
   eval_features = np.asarray(eval_features, np.float32)
   train_labels, eval_labels = np.asarray(train_labels, np.int32), np.asarray(eval_labels, np.int32)
@@ -231,14 +227,13 @@ def _train_sgd_probe(train_features, train_labels, eval_features, eval_labels, c
   compiled = cache[key]
   state = compiled.init(jax.random.key(config.seed), train_features.shape[1])
   rng = np.random.default_rng(config.seed)
-  rows, matrix = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
   loss = jnp.nan
   for epoch in range(config.epochs):
     order = rng.permutation(len(train_features))
     for i in range(steps_per_epoch):
       index = np.sort(order[i * batch:(i + 1) * batch])  # sorted: faster gathers from large (mmap) arrays
-      x = jax.device_put(train_features[index], matrix)
-      y = jax.device_put(train_labels[index], rows)
+      x = parallel.from_same_on_every_host(train_features[index], mesh)
+      y = parallel.from_same_on_every_host(train_labels[index], mesh)
       state, loss = compiled.step(state, x, y)
       # One step in flight at a time: with steps queued back to back, XLA's CPU client can deadlock on fake
       # multi-device meshes (some devices enter a step's all-reduce while the rest wait on its execution
@@ -308,9 +303,11 @@ def fit_logistic_regression(train_features, train_labels, eval_features, eval_la
     padded = parallel.round_up_to_shards(len(x), mesh)  # zero-weight rows fill the last shard
     weights = np.zeros(padded, np.float32)
     weights[:len(x)] = 1.0
-    kernel, bias, iterations, grad_norm = fit(_padded_rows(x, padded), _padded_rows(y, padded), weights,
-                                              np.float32(l2))
-    return np.asarray(kernel), np.asarray(bias), int(iterations), float(grad_norm)
+    kernel, bias, iterations, grad_norm = fit(
+        *(parallel.from_same_on_every_host(a, mesh) for a in (_padded_rows(x, padded), _padded_rows(y, padded),
+                                                               weights)), np.float32(l2))
+    return (parallel.to_host(kernel), parallel.to_host(bias), int(parallel.to_host(iterations)),
+            float(parallel.to_host(grad_norm)))
 
   order = np.random.default_rng(config.seed).permutation(len(train_x))
   held = order[:max(1, int(round(config.val_fraction * len(train_x))))]

@@ -49,6 +49,7 @@ class TokenizerTrainer:
   def __init__(self, config, mesh, total_steps: int, lpips_params=None):
     self.config = config
     self.model_config = TokenizerConfig.from_config(config.model)
+    self.total_steps = total_steps
     self.model = tokenizer_lib.BinaryAutoEncoder(self.model_config)
     self.disc = Discriminator(self.model_config.n_channels, config.disc.ndf, config.disc.n_layers)
     self.lpips = LPIPS()
@@ -139,7 +140,10 @@ class TokenizerTrainer:
       zero = jnp.zeros((), jnp.float32)
       return grads_nll, (state.disc_params, state.disc_stats, state.disc_opt_state), (zero, zero, zero)
 
-    grads, disc, (g_loss, d_loss, adaptive) = jax.lax.cond(gan_on, with_gan, without_gan)
+    if loss_cfg.disc_start_step < self.total_steps:
+      grads, disc, (g_loss, d_loss, adaptive) = jax.lax.cond(gan_on, with_gan, without_gan)
+    else:  # the discriminator starts after this run ends: none is compiled (the digits demo's B-AE, MNIST's)
+      grads, disc, (g_loss, d_loss, adaptive) = without_gan()
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
