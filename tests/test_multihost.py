@@ -109,10 +109,10 @@ def lose_a_peer(workdir, host_lost: int, how: signal.Signals, kill_after: int) -
   return out, step
 
 
-def one_process_of_eight(workdir, *argv) -> str:
+def one_process_of_eight(workdir, *argv, config: str = "configs/bigr_l.py:runlocal") -> str:
   """`python -m bigr_jax.main ARGV` on 1 process of 8 CPU devices, the same (2, 2, 2) mesh; its output."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", "--config=configs/bigr_l.py:runlocal",
+  result = subprocess.run([sys.executable, "-m", "bigr_jax.main", f"--config={config}",
                            f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
                            "--config.mesh.tensor=2", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -183,6 +183,19 @@ def test_two_processes_train_lose_a_hung_peer_resume_together_sample_probe_and_e
   model = GeneratorConfig.from_config(typed_config.load_config_file("configs/bigr_l.py:runlocal").model)
   exported = generator_weights.torch_to_flax(convert_io.read_state_dict(str(tmp_path / "bigr.pt")), model)
   jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params_io.train_state_params(workdir))
+
+
+def test_two_processes_encode_the_codes_one_process_encodes(tmp_path):
+  """`--mode=encode` on 2 processes: both read every image and encode each batch together, process 0 writes; the
+  codes (Bernoulli-sampled, flipped too) equal those of 1 process of 8 devices, bit for bit."""
+  write_released_tokenizer(tmp_path / "bae.npz", "configs/bae_d24.py:runlocal", seed=1)
+  encode = ("--mode=encode", "--config.data.split=test", f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
+  outputs = on_two_processes(tmp_path / "two", *encode, config="configs/bae_d24.py:runlocal")
+  assert "codes: 359 records" in outputs[0] and "codes:" not in outputs[1]
+  one_process_of_eight(tmp_path / "one", *encode, config="configs/bae_d24.py:runlocal")
+  for name in ("codes.npy", "codes_flipped.npy", "labels.npy", "meta.json"):
+    assert (tmp_path / "two" / "codes" / "test" / name).read_bytes() == \
+        (tmp_path / "one" / "codes" / "test" / name).read_bytes(), name
 
 
 @pytest.mark.slow

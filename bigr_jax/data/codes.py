@@ -311,7 +311,7 @@ def refuse_complete(directory: str, num_records: int) -> None:
 
 def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], directory: str, *,
                     image_size: int, batch_size: int, with_flipped: bool = True, packed: bool = True,
-                    num_read_threads: int = 16, if_complete: str = "keep") -> CodesWriter:
+                    num_read_threads: int = 16, if_complete: str = "keep", write: bool = True) -> Optional[CodesWriter]:
   """Encodes every image of `source` into a codes directory, resuming where a previous run stopped.
 
   Records are encoded in source order (center crop, float32 in [0, 1], no flip); with
@@ -329,9 +329,11 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
     num_read_threads: threads reading and decoding images.
     if_complete: what finished codes in `directory` get: "keep" (return them), "refuse" (FileExistsError) or
       "overwrite" (encode again). Unfinished ones always resume.
+    write: False on the other processes of a multi-host encode: they read and encode every batch with process 0
+      (the encoder is one program over all hosts) and write nothing; process 0 writes.
 
   Returns:
-    The closed writer (`count`, `complete`).
+    The closed writer (`count`, `complete`); None where `write` is False.
   """
   if if_complete not in IF_COMPLETE:
     raise ValueError(f"if_complete={if_complete!r}; expected one of {IF_COMPLETE}")
@@ -340,14 +342,16 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
     refuse_complete(directory, n)
   overwrite = if_complete == "overwrite" and complete_codes(directory, n)
   writer = None
-  if os.path.isfile(os.path.join(directory, META_FILE)) and not overwrite:
+  resumed = os.path.isfile(os.path.join(directory, META_FILE)) and not overwrite
+  if resumed and write:
     meta = _read_meta(directory)
     writer = CodesWriter(directory, num_records=n, num_tokens=meta["num_tokens"], bits=meta["bits"],
                          packed=packed, with_flipped=with_flipped)
-  start = writer.count if writer is not None else 0
+  start = int(_read_meta(directory)["count"]) if resumed else 0
   if start >= n:
     print(f"codes in {directory} are complete ({n} records)", flush=True)
-    writer.close()
+    if writer is not None:
+      writer.close()
     return writer
   dataset = (grain.MapDataset.source(source)[start:]
              .map(transforms_lib.CenterCrop(image_size))
@@ -358,12 +362,14 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
   try:
     for step, batch in enumerate(dataset):
       codes = np.asarray(encode_fn(batch["image"]))
+      flipped = np.asarray(encode_fn(batch["image"][:, :, ::-1])) if with_flipped else None
+      if not write:
+        continue
       if writer is None:  # a fresh directory: the layout comes from the encoder's first output
         if codes.ndim != 3:
           raise ValueError(f"encode_fn returned shape {codes.shape}; expected (batch, tokens, bits)")
         writer = CodesWriter(directory, num_records=n, num_tokens=codes.shape[1], bits=codes.shape[2],
                              packed=packed, with_flipped=with_flipped, overwrite=overwrite)
-      flipped = np.asarray(encode_fn(batch["image"][:, :, ::-1])) if with_flipped else None
       writer.append(codes, batch["label"], flipped)
       skipped += int(np.sum(batch.get("skipped", 0)))
       if step % 100 == 0:

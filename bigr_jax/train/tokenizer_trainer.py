@@ -260,12 +260,14 @@ def write_codes(config, workdir: str, if_complete: str = "keep"):
     batch = images.shape[0]
     images = parallel.pad_to_shards(images, mesh, mode="constant")
     with jax.set_mesh(mesh):
-      bits = encode(params, jax.device_put(images, parallel.batch_sharding(mesh, 4)),
-                    jax.random.fold_in(seed_key, calls[0]))
-    return np.asarray(bits)[:batch]
+      bits = encode(params, parallel.from_same_on_every_host(images, mesh), jax.random.fold_in(seed_key, calls[0]))
+    return parallel.to_host(bits)[:batch]
 
+  # On several processes every host reads every image and they encode each batch together; process 0 writes.
+  writes = jax.process_index() == 0
   writer = data.encode_to_codes(source, encode_fn, str(out), image_size=model_config.img_size,
                                 batch_size=config.encode_batch_size, with_flipped=config.encode_flipped,
-                                if_complete=if_complete)
-  print(f"codes: {writer.count} records in {out}", flush=True)
+                                if_complete=if_complete, write=writes)
+  if writes:
+    print(f"codes: {writer.count} records in {out}", flush=True)
   return out
