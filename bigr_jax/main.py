@@ -61,6 +61,13 @@ def last_checkpoint(workdir: str) -> str:
   return f"The last good checkpoint is step {steps[-1]} in {directory}" if steps else f"{directory} holds no checkpoint"
 
 
+def after_a_lost_peer(workdir: str, mode: str) -> str:
+  """What a process that lost a peer says to do: a training run resumes from its last good checkpoint."""
+  if mode == "train":
+    return f"{last_checkpoint(workdir)}; start every process again to resume from it"
+  return "Start every process again"
+
+
 def run_entry(entry, config, workdir: str, log=None):
   """Runs a mode's entry point (`families.entry_point`) on this process, joining the others first. `log(index)`
   is called with this process's index once the workdir is this job's, before any work."""
@@ -87,7 +94,7 @@ def main(argv):
   supervise = parallel.several_processes() if FLAGS.supervise is None else FLAGS.supervise
   if supervise and not supervisor.is_worker():  # a worker child does the work (see there)
     raise SystemExit(supervisor.supervise(sys.argv, console.log_file(FLAGS.workdir, mode, supervisor.this_process()),
-                                          FLAGS.verbose, lambda: last_checkpoint(FLAGS.workdir)))
+                                          FLAGS.verbose, lambda: after_a_lost_peer(FLAGS.workdir, mode)))
   log_path = None
 
   def start_log(process_index):

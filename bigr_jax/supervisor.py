@@ -54,9 +54,10 @@ def lost_process(log_text: str) -> Optional[str]:
   return None
 
 
-def supervise(argv, log_path: pathlib.Path, verbose: bool, last_checkpoint: Callable[[], str]) -> int:
+def supervise(argv, log_path: pathlib.Path, verbose: bool, what_next: Callable[[], str]) -> int:
   """Runs `python -m bigr_jax.main ARGV[1:]` as a child with its stderr in `log_path` (and on the console if
-  `verbose`), forwarding SIGTERM and SIGINT; returns its exit status, after one line if a peer was lost."""
+  `verbose`), forwarding SIGTERM and SIGINT; returns its exit status, after one line if a peer was lost (naming
+  it, then `what_next()`: where a training run resumes from)."""
   console.start_log(log_path, argv).close()
   start = log_path.stat().st_size  # this command's part of the log: an earlier command's abort is not this one's
   child = subprocess.Popen([sys.executable, "-m", "bigr_jax.main", *argv[1:]], stderr=subprocess.PIPE,
@@ -73,8 +74,8 @@ def supervise(argv, log_path: pathlib.Path, verbose: bool, last_checkpoint: Call
     log.seek(max(start, log_path.stat().st_size - 1_000_000))
     lost = lost_process(log.read().decode(errors="replace"))
   if lost is not None:
-    print(f"error: process {this_process()} stopped: lost {lost}. {last_checkpoint()}; start every process "
-          f"again to resume from it (this process's log: {log_path})", flush=True)
+    print(f"error: process {this_process()} stopped: lost {lost}. {what_next()} (this process's log: {log_path})",
+          flush=True)
     return 1
   if status < 0 or status == ABORTED:
     name = signal.Signals(-status).name if status < 0 else "SIGABRT"

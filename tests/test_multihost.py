@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigr_jax import convert as convert_cli, supervisor, typed_config
+from bigr_jax import convert as convert_cli, main, supervisor, typed_config
 from bigr_jax.evaluation import features
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.weights import generator_weights, io as convert_io, params_io
@@ -239,3 +239,9 @@ def test_two_processes_train_a_tokenizer_together(tmp_path):
 def test_the_lost_process_is_read_from_jax_s_log(log, lost):
   found = supervisor.lost_process(log)
   assert found == lost if lost is None else found.startswith(lost), found
+
+
+def test_only_a_training_run_names_a_checkpoint_to_resume_from_after_a_lost_peer(tmp_path):
+  assert main.after_a_lost_peer(str(tmp_path), "train") == (f"{tmp_path / 'checkpoints'} holds no checkpoint; start "
+                                                            "every process again to resume from it")
+  assert main.after_a_lost_peer(str(tmp_path), "encode") == "Start every process again"  # no checkpoint in play
