@@ -187,6 +187,13 @@ def to_host(array: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def wait_for_every_process(name: str) -> None:
+  """Returns once every process got here (on one process at once): e.g. after process 0 wrote files that all
+  read next."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def to_global(local_batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy arrays (split along the batch axis) -> global jax arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))

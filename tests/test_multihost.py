@@ -17,6 +17,7 @@ import pytest
 from bigr_jax import convert as convert_cli, main, supervisor, typed_config
 from bigr_jax.evaluation import features
 from bigr_jax.models.config import GeneratorConfig
+from bigr_jax.sampling import editing
 from bigr_jax.weights import generator_weights, io as convert_io, params_io
 from conftest import write_released_tokenizer
 
@@ -120,11 +121,11 @@ def one_process_of_eight(workdir, *argv, config: str = "configs/bigr_l.py:runloc
   return result.stdout
 
 
-def test_two_processes_train_lose_a_hung_peer_resume_together_sample_probe_and_export(tmp_path):
+def test_two_processes_train_lose_a_hung_peer_resume_together_sample_edit_probe_and_export(tmp_path):
   """Two processes train until process 1 hangs (SIGSTOP: its heartbeats stop); process 0 ends within the peer
   timeout with one line naming it and the last good checkpoint; both resume from there together; then the two
-  sample, extract features and probe them as 1 process of 8 devices does, and the workdir they wrote exports to
-  the original's layout."""
+  sample, edit, extract features and probe them as 1 process of 8 devices does, and the workdir they wrote exports
+  to the original's layout."""
   workdir = tmp_path / "run"
   first, step = lose_a_peer(workdir, host_lost=1, how=signal.SIGSTOP, kill_after=6)
   assert progress_steps(first)[:3] == ["2/100000", "4/100000", "6/100000"]  # host 0 reports
@@ -141,19 +142,24 @@ def test_two_processes_train_lose_a_hung_peer_resume_together_sample_probe_and_e
   data_files = sorted(p.name for p in (workdir / "checkpoints" / str(step + 2) / "data").iterdir())
   assert any("process_0" in name for name in data_files) and any("process_1" in name for name in data_files)
 
-  # Sampling on the 2 processes equals sampling on 1 process of 8 devices with the same mesh: each process
-  # gathers the samples, process 0 writes them.
+  # Sampling and editing (a class interpolation) on the 2 processes equal the same on 1 process of 8 devices with
+  # the same mesh: each process gathers the images, process 0 writes them.
   write_released_tokenizer(tmp_path / "bae.npz", "configs/bae_d24.py:runlocal", seed=1)
-  sample = ("--mode=sample", "--config.sample.num_iter=2", "--config.sample.infer_steps=2",
-            "--config.tokenizer.config=configs/bae_d24.py:runlocal",
-            f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
-  on_two_processes(workdir, *sample)
-  two = dict(np.load(workdir / "samples" / "samples.npz"))
-  one_process_of_eight(workdir, *sample)
-  one = dict(np.load(workdir / "samples" / "samples.npz"))
-  assert one.keys() == two.keys() and len(one["arr_0"]) == 4
-  for name in one:
-    np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+  tokenizer = ("--config.tokenizer.config=configs/bae_d24.py:runlocal",
+               f"--config.tokenizer.checkpoint={tmp_path / 'bae.npz'}")
+  sample = ("--mode=sample", "--config.sample.num_iter=2", "--config.sample.infer_steps=2", *tokenizer)
+  edit = ("--mode=edit", "--config.edit.task=interpolate", "--config.edit.sampler.num_iter=2",
+          "--config.edit.sampler.infer_steps=2", *tokenizer)
+  for argv, output, count in ((sample, workdir / "samples" / "samples.npz", 4),
+                              (edit, workdir / "edit" / "interpolate.npz", len(editing.INTERPOLATION_WEIGHTS))):
+    on_two_processes(workdir, *argv)
+    two = dict(np.load(output))
+    output.unlink()
+    one_process_of_eight(workdir, *argv)
+    one = dict(np.load(output))
+    assert one.keys() == two.keys() and len(one["arr_0"]) == count, output
+    for name in one:
+      np.testing.assert_array_equal(one[name], two[name], err_msg=f"{output.name}: {name}")
 
   # Features and the probe: each host extracts its share of every batch, process 0 writes them: the same arrays as
   # on 1 process. Both hosts fit the probe together: the same accuracies and penalty, its loss to float32

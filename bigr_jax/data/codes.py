@@ -311,7 +311,8 @@ def refuse_complete(directory: str, num_records: int) -> None:
 
 def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], directory: str, *,
                     image_size: int, batch_size: int, with_flipped: bool = True, packed: bool = True,
-                    num_read_threads: int = 16, if_complete: str = "keep", write: bool = True) -> Optional[CodesWriter]:
+                    num_read_threads: int = 16, if_complete: str = "keep",
+                    write: bool = True) -> Optional[CodesWriter]:
   """Encodes every image of `source` into a codes directory, resuming where a previous run stopped.
 
   Records are encoded in source order (center crop, float32 in [0, 1], no flip); with

@@ -165,9 +165,9 @@ def train_probe(train_features: np.ndarray, train_labels: np.ndarray, eval_featu
   """Trains one probe and reports top-1 / top-5 (percent) on the eval set.
 
   Features are (N, D) float arrays on the host; every step gathers one shuffled batch and shards it over
-  the mesh's batch axes. On several processes each holds the whole arrays and all fit the same probe together. The last partial batch of an
-  epoch is dropped, as MAE's loader does. A batch larger than the training set is cut to it (and to a
-  multiple of the batch shards), which also lowers the scaled lr; the result records the batch used.
+  the mesh's batch axes (on several processes, each holds the whole arrays and all fit the probe together). The
+  last partial batch of an epoch is dropped, as MAE's loader does. A batch larger than the training set is cut to
+  it (and to a multiple of the batch shards), which also lowers the scaled lr; the result records the batch used.
 
   Returns:
     dict(top1, top5, train_top1, final_loss, fit_warning, lr, batch_size, steps, epochs); with lbfgs,
