@@ -343,12 +343,11 @@ def encode_to_codes(source, encode_fn: Callable[[np.ndarray], np.ndarray], direc
     refuse_complete(directory, n)
   overwrite = if_complete == "overwrite" and complete_codes(directory, n)
   writer = None
-  resumed = os.path.isfile(os.path.join(directory, META_FILE)) and not overwrite
-  if resumed and write:
-    meta = _read_meta(directory)
+  meta = _read_meta(directory) if os.path.isfile(os.path.join(directory, META_FILE)) and not overwrite else None
+  if meta is not None and write:
     writer = CodesWriter(directory, num_records=n, num_tokens=meta["num_tokens"], bits=meta["bits"],
                          packed=packed, with_flipped=with_flipped)
-  start = int(_read_meta(directory)["count"]) if resumed else 0
+  start = int(meta["count"]) if meta is not None else 0
   if start >= n:
     print(f"codes in {directory} are complete ({n} records)", flush=True)
     if writer is not None:
