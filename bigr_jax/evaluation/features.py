@@ -214,7 +214,7 @@ def write_features(extractor: FeatureExtractor,
     overwrite: start over even if the directory holds features of another run.
 
   Returns:
-    The final progress record (see the module docstring).
+    The final progress record (see the module docstring), on every process once process 0 has written them.
   """
   os.makedirs(directory, exist_ok=True)
   layout = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": list(extractor.layers),
@@ -284,6 +284,7 @@ def write_features(extractor: FeatureExtractor,
             flush=True)
       last_log = now
   flush(final=True)
+  parallel.wait_for_every_process(f"features written: {directory}")  # every process may read them next
   elapsed = time.perf_counter() - started
   print(f"features: done, {progress['count']} examples in {directory} "
         f"({done_here / max(elapsed, 1e-9):.1f} examples/s this run)", flush=True)

@@ -122,7 +122,6 @@ def extract_features(config, workdir: str, *, params=None, splits=None, mesh=Non
         extractor, lambda start, s=source: features_lib.batches_from_source(s, batch_size, start=start),
         directory, batches_per_chunk=ev.batches_per_chunk, num_examples=len(source))
     out[split] = directory
-  parallel.wait_for_every_process("features written")  # process 0 wrote them; every process probes them next
   return out
 
 
