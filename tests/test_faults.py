@@ -15,7 +15,7 @@ import pytest
 
 from bigr_jax.weights import params_io
 from bigr_jax.train import metric_writer
-from conftest import write_released_tokenizer
+from conftest import cpu_env, write_released_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATOR = "--config=configs/bigr_l.py:runlocal"
@@ -23,9 +23,8 @@ GENERATOR = "--config=configs/bigr_l.py:runlocal"
 
 def _run(module: str, *argv, devices: int = 8, timeout: int = 300):
   """`python -m <module> ARGV` as a user types it, on `devices` CPU devices."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=env)
+                        timeout=timeout, env=cpu_env(devices))
 
 
 def _main(*argv, **kwargs):

@@ -20,7 +20,7 @@ from bigr_jax.evaluation import features
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling import editing
 from bigr_jax.weights import generator_weights, io as convert_io, params_io
-from conftest import write_released_tokenizer
+from conftest import cpu_env, write_released_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,9 +37,8 @@ def start_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runloca
   port = free_port()
   procs = []
   for process_id in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
+    env = dict(cpu_env(4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(process_id), JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
     cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/{config}", f"--workdir={workdir}",
            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *argv]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -113,10 +112,9 @@ def lose_a_peer(workdir, host_lost: int, how: signal.Signals, kill_after: int) -
 
 def one_process_of_eight(workdir, *argv, config: str = "configs/bigr_l.py:runlocal") -> str:
   """`python -m bigr_jax.main ARGV` on 1 process of 8 CPU devices, the same (2, 2, 2) mesh; its output."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-m", "bigr_jax.main", f"--config={config}",
                            f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-                           "--config.mesh.tensor=2", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--config.mesh.tensor=2", *argv], cwd=ROOT, env=cpu_env(8), capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
