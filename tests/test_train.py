@@ -233,3 +233,32 @@ def test_bad_configs_fail_before_compute(tmp_path):
     generator_trainer.train_and_evaluate(config, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config argument"):
     typed_config.load_config_file(os.path.join(ROOT, "configs", "bigr_l.py") + ":bitz=24")
+
+
+def test_a_save_writes_small_replicated_arrays_whole_and_large_ones_in_replica_slices(tmp_path):
+  """A replicated array is written by one replica below `MIN_REPLICA_SLICE_BYTES` a slice (no slicing program:
+  orbax sliced every array, 2,500 slices a save of the runlocal model on 8 devices) and by every replica above it;
+  either way the checkpoint restores bit for bit."""
+  mesh = jax.make_mesh((8,), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  large_rows = 8 * checkpoints.MIN_REPLICA_SLICE_BYTES // (4 * 1024)  # 8 slices of the least size, float32
+  states = {"small": {"w": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)},
+            "large": {"w": jnp.arange(large_rows * 1024, dtype=jnp.float32).reshape(large_rows, 1024)}}
+  lowered = []
+  listener = lambda event, duration, **kw: lowered.append(event) if event.endswith("jaxpr_to_mlir_module_duration") \
+      else None  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for name, state in states.items():
+      state = jax.device_put(state, replicated)
+      lowered.clear()
+      writer = checkpoints.Checkpointer(tmp_path / name, async_save=False, with_data=False)
+      writer.save(1, state)
+      writer.close()
+      assert (len(lowered) > 0) == (name == "large"), (name, lowered)
+      abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      reader = checkpoints.Checkpointer(tmp_path / name, with_data=False)
+      jax.tree_util.tree_map(np.testing.assert_array_equal, reader.restore(abstract, None, 1), state)
+      reader.close()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -14,6 +14,17 @@ import orbax.checkpoint as ocp
 from bigr_jax import files
 from bigr_jax.weights import params_io
 
+# A replicated array is saved by its replicas together, each writing a slice, only where each slice holds at least
+# this much. Orbax splits every replicated array by default: for a small model on 8 devices that is 2,500 slicing
+# programs a save (1.5 s of a 4-step CPU run's 9), where one replica's copy moves as fast.
+MIN_REPLICA_SLICE_BYTES = 2**20
+
+
+def _save_small_arrays_whole() -> None:
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+      override=True)
+
 
 class Checkpointer:
   """Saves {state, data iterator} under workdir/checkpoints and restores onto any mesh."""
@@ -21,6 +32,7 @@ class Checkpointer:
   def __init__(self, workdir, keep: int = 3, async_save: bool = True, with_data: bool = True):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     self.with_data = with_data
+    _save_small_arrays_whole()
     handlers = {"state": ocp.StandardCheckpointHandler()}
     if with_data:
       handlers["data"] = grain.checkpoint.CheckpointHandler()
