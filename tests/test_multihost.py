@@ -217,6 +217,33 @@ def test_a_killed_coordinator_ends_the_other_and_the_resumed_run_equals_an_unint
 
 
 @pytest.mark.slow
+def test_sigterm_to_both_hosts_saves_one_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+  """A preemption notice (SIGTERM) reaches both hosts' commands: they agree on one step (JAX's preemption sync
+  point), save it, and end with 143; resumed, the run ends where an uninterrupted one does, bit for bit."""
+  workdir = tmp_path / "run"
+  procs = start_two_processes(workdir, "--mode=train", "--config.total_steps=100000", "--config.log_every=2",
+                              "--config.checkpoint_every=1000", "--config.tensorboard=False")
+  try:
+    _read_until(procs[0], "step 4/")
+    for proc in procs:
+      os.killpg(proc.pid, signal.SIGTERM)
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+  assert [proc.returncode for proc in procs] == [143, 143], [out[-2000:] for out in outputs]
+  saved = params_io.finished_steps(workdir / "checkpoints")
+  assert len(saved) == 1 and saved[0] >= 4, saved
+  assert f"preempted: step {saved[0]} is saved" in outputs[0], outputs[0][-2000:]
+  train_on_two_processes(workdir, saved[0] + 2)
+  train_on_two_processes(tmp_path / "uninterrupted", saved[0] + 2)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_io.train_state(workdir),
+                         params_io.train_state(tmp_path / "uninterrupted"))
+
+
+@pytest.mark.slow
 def test_two_processes_train_a_tokenizer_together(tmp_path):
   """The B-AE's step (its GAN branch too, from step 2) and its reconstruction grid run on both hosts."""
   workdir = tmp_path / "bae"
