@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bigr_jax import convert as convert_cli, main, supervisor, typed_config
-from bigr_jax.evaluation import features
+from bigr_jax.evaluation import adm_metrics, features
 from bigr_jax.models.config import GeneratorConfig
 from bigr_jax.sampling import editing
 from bigr_jax.weights import generator_weights, io as convert_io, params_io
@@ -202,6 +202,31 @@ def test_two_processes_encode_the_codes_one_process_encodes(tmp_path):
   for name in ("codes.npy", "codes_flipped.npy", "labels.npy", "meta.json"):
     assert (tmp_path / "two" / "codes" / "test" / name).read_bytes() == \
         (tmp_path / "one" / "codes" / "test" / name).read_bytes(), name
+
+
+@pytest.mark.slow  # Inception compiles at 299 px and FIDs of 2048-d statistics: minutes on 2 cores
+def test_two_processes_evaluate_as_one_process_does(tmp_path):
+  """`--mode=evaluate`'s FID path (a random-weights Inception) on 2 processes: the same metrics as 1 process of 8
+  devices, to float32 rounding (each host's Inception runs on its share of every batch; the activations are
+  gathered). The sample batch is given: drawing it is `--mode=sample`'s path, tested above."""
+  torch = pytest.importorskip("torch")
+  from test_evaluation import TorchFIDInception, _randomize  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  torch.save(_randomize(TorchFIDInception()).state_dict(), tmp_path / "inception.pth")
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "reference.npz", arr_0=rng.integers(0, 256, (8, 80, 80, 3), np.uint8))
+  adm_metrics.write_sample_batch(str(tmp_path / "samples.npz"), rng.integers(0, 256, (8, 80, 80, 3), np.uint8),
+                                 np.arange(8))
+  evaluate = ("--mode=evaluate", "--config.evaluation.batch_size=4",
+              f"--config.evaluation.sample_batch={tmp_path / 'samples.npz'}",
+              f"--config.evaluation.reference_batch={tmp_path / 'reference.npz'}",
+              f"--config.evaluation.inception_weights={tmp_path / 'inception.pth'}")
+  on_two_processes(tmp_path / "two", *evaluate)
+  one_process_of_eight(tmp_path / "one", *evaluate)
+  two, one = (json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("two", "one"))
+  assert two["num_samples"] == one["num_samples"] == 8
+  for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+    assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
