@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 # The tests compile far more than they run: with LLVM at -O0 their programs compile 30-40% faster (measured on 2
 # CPU cores: test_train, test_sampler and test_editing 305 -> 196 CPU-s, the parity, tokenizer and evaluation tests
-# 220 -> 153). XLA's own graph passes are unchanged, and the parity tests hold at -O0 as at the default. A user's
-# command (`user_env`: the quick demo trains 800 steps) keeps the default.
+# 220 -> 153). The flag sets LLVM's optimization level of the CPU backend; the parity tests hold at -O0 as at the
+# default. A user's command (`user_env`: the quick demo trains 800 steps) keeps the default.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

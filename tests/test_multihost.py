@@ -183,12 +183,13 @@ def test_two_processes_train_lose_a_hung_peer_resume_together_sample_edit_probe_
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-4), layer
   assert probes["one"]["best_top1"] > 50  # chance 10%
 
-  # The workdir two processes wrote exports to the original's layout: its EMA params, exactly.
+  # The workdir two processes wrote exports to the original's layout: its EMA params, exactly (read here with the
+  # whole state; the export reads the EMA params alone).
   assert convert_cli.main(["to-torch", "--config=configs/bigr_l.py:runlocal", f"--input={workdir}",
                            f"--output={tmp_path / 'bigr.pt'}"]) == 0
   model = GeneratorConfig.from_config(typed_config.load_config_file("configs/bigr_l.py:runlocal").model)
   exported = generator_weights.torch_to_flax(convert_io.read_state_dict(str(tmp_path / "bigr.pt")), model)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params_io.train_state_params(workdir))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params_io.train_state(workdir)["ema_params"])
 
 
 def test_two_processes_encode_the_codes_one_process_encodes(tmp_path):

@@ -15,8 +15,8 @@ from bigr_jax import files
 from bigr_jax.weights import params_io
 
 # A replicated array is saved by its replicas together, each writing a slice, only where each slice holds at least
-# this much. Orbax splits every replicated array by default: for a small model on 8 devices that is 2,500 slicing
-# programs a save (1.5 s of a 4-step CPU run's 9), where one replica's copy moves as fast.
+# this much; a smaller one is written by one replica. Orbax splits every replicated array by default: for the
+# runlocal generator on 8 CPU devices, 2,500 slicing programs a save, and a 4-step run took 8.7 CPU-s instead of 6.1.
 MIN_REPLICA_SLICE_BYTES = 2**20
 
 
