@@ -75,15 +75,15 @@ def test_learns_to_reconstruct_held_out_photo_crops():
 
 
 def test_train_resume_grids_and_encode(tmp_path):
-  config = local_config(total_steps=10)
-  config.loss.disc_start_step = 5  # the GAN branch and the discriminator update run too
+  config = local_config(total_steps=6, log_every=3)
+  config.loss.disc_start_step = 3  # the GAN branch and the discriminator update run too
   workdir = tmp_path / "bae"
   state = tokenizer_trainer.train_and_evaluate(config, str(workdir))
-  assert int(state.step) == 10
+  assert int(state.step) == 6
   grids = sorted((workdir / "reconstructions").glob("*.png"))
-  assert [g.name for g in grids] == ["step_0000005.png", "step_0000010.png"]
-  config.total_steps = 12
-  assert int(tokenizer_trainer.train_and_evaluate(config, str(workdir)).step) == 12  # resumed, not restarted
+  assert [g.name for g in grids] == ["step_0000003.png", "step_0000006.png"]
+  config.total_steps = 7
+  assert int(tokenizer_trainer.train_and_evaluate(config, str(workdir)).step) == 7  # resumed, not restarted
 
   config.data.split = "test"
   out = tokenizer_trainer.encode_dataset(config, str(workdir))
