@@ -3,6 +3,7 @@ slice do: per-host data shards, one checkpoint, one metrics writer, a joint resu
 line (`bigr_jax.supervisor`), and sampling, editing, features, the probe, encoding and the export of what they
 wrote equal to one process's; the generator and the tokenizer alike."""
 
+import contextlib
 import json
 import os
 import signal
@@ -38,7 +39,7 @@ def start_two_processes(workdir, *argv, config: str = "configs/bigr_l.py:runloca
   procs = []
   for process_id in range(2):
     env = dict(cpu_env(4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(process_id), JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"))
+               JAX_PROCESS_ID=str(process_id))
     cmd = [sys.executable, "-m", "bigr_jax.main", f"--config={ROOT}/{config}", f"--workdir={workdir}",
            "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *argv]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -79,24 +80,31 @@ def _read_until(proc, prefix: str) -> list:
 PEER_TIMEOUT_S = 10
 
 
-def lose_a_peer(workdir, host_lost: int, how: signal.Signals, kill_after: int) -> tuple:
-  """Trains on 2 processes until process 0 reports step `kill_after`, then sends `how` to one host (its command
-  and worker). Checks the other host's end; returns its output and the step its last line names."""
+@contextlib.contextmanager
+def training_until(workdir, step: int, *extra):
+  """Trains on 2 processes (with no end in sight) until process 0 reports `step`; yields the processes and process
+  0's lines so far. Whatever still runs after the block is killed."""
   procs = start_two_processes(workdir, "--mode=train", "--config.total_steps=100000", "--config.log_every=2",
-                              "--config.checkpoint_every=2", "--config.tensorboard=False",
-                              f"--config.peer_timeout_s={PEER_TIMEOUT_S}")
+                              "--config.tensorboard=False", *extra)
   try:
-    before = _read_until(procs[0], f"step {kill_after}/")
-    os.killpg(procs[host_lost].pid, how)
-    sent = time.monotonic()
-    survivor = procs[1 - host_lost]
-    out, _ = survivor.communicate(timeout=PEER_TIMEOUT_S + 90)
-    waited = time.monotonic() - sent
+    yield procs, _read_until(procs[0], f"step {step}/")
   finally:
     for proc in procs:
       if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def lose_a_peer(workdir, host_lost: int, how: signal.Signals, kill_after: int) -> tuple:
+  """Trains on 2 processes until process 0 reports step `kill_after`, then sends `how` to one host (its command
+  and worker). Checks the other host's end; returns its output and the step its last line names."""
+  with training_until(workdir, kill_after, "--config.checkpoint_every=2",
+                      f"--config.peer_timeout_s={PEER_TIMEOUT_S}") as (procs, before):
+    os.killpg(procs[host_lost].pid, how)
+    sent = time.monotonic()
+    survivor = procs[1 - host_lost]
+    out, _ = survivor.communicate(timeout=PEER_TIMEOUT_S + 90)
+    waited = time.monotonic() - sent
   out = ("".join(before) if host_lost == 1 else "") + out
   last = out.strip().splitlines()[-1]
   assert survivor.returncode == 1 and waited < PEER_TIMEOUT_S + 60, (waited, out[-3000:])
@@ -247,18 +255,10 @@ def test_sigterm_to_both_hosts_saves_one_step_and_the_resumed_run_equals_an_unin
   """A preemption notice (SIGTERM) reaches both hosts' commands: they agree on one step (JAX's preemption sync
   point), save it, and end with 143; resumed, the run ends where an uninterrupted one does, bit for bit."""
   workdir = tmp_path / "run"
-  procs = start_two_processes(workdir, "--mode=train", "--config.total_steps=100000", "--config.log_every=2",
-                              "--config.checkpoint_every=1000", "--config.tensorboard=False")
-  try:
-    _read_until(procs[0], "step 4/")
+  with training_until(workdir, 4, "--config.checkpoint_every=1000") as (procs, _):
     for proc in procs:
       os.killpg(proc.pid, signal.SIGTERM)
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
   assert [proc.returncode for proc in procs] == [143, 143], [out[-2000:] for out in outputs]
   saved = params_io.finished_steps(workdir / "checkpoints")
   assert len(saved) == 1 and saved[0] >= 4, saved
